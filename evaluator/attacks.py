@@ -1,0 +1,334 @@
+"""The attacks: exhaustive grid, random, worst-of-k, and the majority-vote defense under them.
+
+All of them are one search: for each image, a list of candidate transformations (the grid
+points, or k random draws), and the question "is the image classified correctly under every
+candidate?". `search_candidates` answers it in large batches of (image, candidate) pairs taken
+from the images still standing, stops trying an image once one candidate fools it (early exit),
+and tries first the candidates that have fooled the most images so far. Neither early exit nor
+the order can change which images survive; they only change how many forward passes it takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from evaluator.errors import EvaluationCancelled, ModelOutputError
+from evaluator.transforms import (
+    FillMode,
+    GridSpec,
+    TransformBox,
+    spatial_transform,
+    uniform_transforms,
+)
+
+__all__ = [
+    "Classifier",
+    "CandidateOrder",
+    "SearchOutcome",
+    "search_candidates",
+    "majority_vote",
+]
+
+# Streams keep the draws of different metrics independent of each other.
+STREAM_WORST_OF_K = 1
+STREAM_VOTE_NATURAL = 2
+STREAM_VOTE_GRID = 3
+
+
+class Classifier:
+    """A model plus how to run it: device, precision, batch size; counts forward passes.
+
+    ``predict`` takes images already on the device and returns ``(labels, probabilities)``.
+    It checks the output once per call, so a model with the wrong number of classes or NaN
+    logits fails with a message rather than a wrong number.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        *,
+        device: torch.device | str = "cpu",
+        batch_size: int = 512,
+        bf16: bool = False,
+        channels_last: bool | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.bf16 = bf16
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward_passes = 0
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Float32 logits ``(N, num_classes)`` for images on the device, in chunks of batch_size."""
+        outs = []
+        for start in range(0, images.shape[0], self.batch_size):
+            outs.append(self._forward(images[start : start + self.batch_size]))
+        if not outs:
+            return torch.empty(0, self.num_classes, device=self.device)
+        return torch.cat(outs)
+
+    def _forward(self, batch: Tensor) -> Tensor:
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            out = self.model(batch)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, Tensor) or out.shape != (batch.shape[0], self.num_classes):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ModelOutputError(
+                f"the model returned {shape} for a batch of {tuple(batch.shape)}; expected "
+                f"logits of shape ({batch.shape[0]}, {self.num_classes}). Check the number of "
+                "classes and that the model takes (N, C, H, W) images in [0, 1]."
+            )
+        out = out.float()
+        if not bool(torch.isfinite(out).all()):
+            raise ModelOutputError(
+                "the model produced NaN or infinite logits; check the weights and the "
+                "normalisation (mean/std), and that the model is in eval mode."
+            )
+        self.forward_passes += batch.shape[0]
+        return out
+
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.logits(images)
+        return logits.argmax(dim=1), logits.softmax(dim=1)
+
+
+def majority_vote(labels: Tensor, probs: Tensor) -> Tensor:
+    """The defended label from ``k`` votes per input: ``labels`` ``(N, k)``, ``probs``
+    ``(N, k, classes)``. Most votes wins; a tie goes to the tied label with the highest summed
+    softmax."""
+    n, k, classes = probs.shape
+    counts = torch.zeros(n, classes, device=labels.device, dtype=torch.float64)
+    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float64))
+    soft = probs.to(torch.float64).sum(dim=1)
+    # Summed softmax is at most k, so it can only separate labels with equal counts.
+    return (counts * (k + 1) + soft).argmax(dim=1)
+
+
+class CandidateOrder:
+    """Which candidates to try first: most images fooled so far, ties by a prior order."""
+
+    def __init__(self, prior: Tensor) -> None:
+        n = prior.numel()
+        self._prior_rank = torch.empty(n, dtype=torch.float64)
+        self._prior_rank[prior] = torch.arange(n, dtype=torch.float64)
+        self.fooled = torch.zeros(n, dtype=torch.float64)
+
+    def ranking(self) -> Tensor:
+        # Counts are integers, prior ranks lie in [0, n): scaling by n keeps counts dominant.
+        key = -self.fooled * len(self.fooled) + self._prior_rank
+        return torch.argsort(key)
+
+    def update(self, fooling_candidates: Tensor) -> None:
+        self.fooled += torch.bincount(fooling_candidates.cpu(), minlength=len(self.fooled)).double()
+
+
+@dataclass
+class SearchOutcome:
+    """Per image: ``first_fool`` = the candidate that fooled it first (-1 if none did) and the
+    prediction there; ``correct`` = ``(N, n_candidates)`` correctness, filled where tried
+    (exhaustive images are tried everywhere); ``tried`` marks what was tried."""
+
+    first_fool: Tensor
+    fool_prediction: Tensor
+    correct: Tensor
+    tried: Tensor
+    pairs: int
+
+    @property
+    def robust(self) -> Tensor:
+        return (self.first_fool < 0) & self.tried.all(dim=1)
+
+
+PairPredictor = Callable[[Tensor, Tensor], Tensor]
+"""(image rows, candidate indices) -> predicted labels, one per pair."""
+
+
+def search_candidates(
+    predict_pairs: PairPredictor,
+    labels: Tensor,
+    n_candidates: int,
+    *,
+    pairs_per_batch: int,
+    order: CandidateOrder | None = None,
+    exhaustive: Tensor | None = None,
+    known: tuple[int, Tensor, Tensor] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> SearchOutcome:
+    """Try candidates on images until each image is fooled once or has survived all of them.
+
+    ``labels`` ``(N,)`` on the device. ``exhaustive`` ``(N,)`` bool marks images to try at
+    every candidate regardless of early exit (for the landscape). ``known`` =
+    ``(candidate, correct, predictions)`` supplies results already computed for one candidate
+    (the identity, from the natural pass). ``on_batch(images_done, pairs)`` is called after
+    every batch; it may raise to stop.
+
+    Each round takes a window of at most ``pairs_per_batch`` standing images and gives each an
+    equal share of the batch, in the current order of the candidates, so batches stay full
+    while few images are left.
+    """
+    device = labels.device
+    n = labels.shape[0]
+    tried = torch.zeros(n, n_candidates, dtype=torch.bool, device=device)
+    correct = torch.ones(n, n_candidates, dtype=torch.bool, device=device)
+    first_fool = torch.full((n,), -1, dtype=torch.long, device=device)
+    fool_pred = torch.full((n,), -1, dtype=torch.long, device=device)
+    exhaustive = (
+        torch.zeros(n, dtype=torch.bool, device=device)
+        if exhaustive is None
+        else exhaustive.to(device)
+    )
+    if known is not None:
+        cand, known_correct, known_pred = known
+        tried[:, cand] = True
+        correct[:, cand] = known_correct
+        wrong = ~known_correct
+        first_fool[wrong] = cand
+        fool_pred[wrong] = known_pred[wrong]
+        if order is not None:
+            order.update(torch.full((int(wrong.sum()),), cand, dtype=torch.long))
+    pairs = 0
+    arange_cache = torch.arange(n_candidates, device=device)
+    while True:
+        standing = ((first_fool < 0) | exhaustive) & ~tried.all(dim=1)
+        active = standing.nonzero().squeeze(1)
+        if active.numel() == 0:
+            break
+        active = active[:pairs_per_batch]
+        ranking = (order.ranking() if order is not None else arange_cache.cpu()).to(device)
+        untried = ~tried[active][:, ranking]
+        a = active.numel()
+        share = pairs_per_batch // a
+        quota = share + (torch.arange(a, device=device) < pairs_per_batch - share * a).long()
+        take = untried & (untried.cumsum(dim=1) <= quota[:, None])
+        rows, cols = take.nonzero(as_tuple=True)
+        images = active[rows]
+        cands = ranking[cols]
+        preds = predict_pairs(images, cands)
+        ok = preds == labels[images]
+        tried[images, cands] = True
+        correct[images, cands] = ok
+        pairs += images.numel()
+        wrong = ~ok
+        if order is not None and bool(wrong.any()):
+            order.update(cands[wrong])
+        # The first wrong pair of each image in this batch, in ranking order (rows are sorted
+        # and, within a row, columns ascend), becomes its first fooling candidate.
+        wrong_images = images[wrong]
+        if wrong_images.numel():
+            first_in_batch = torch.ones_like(wrong_images, dtype=torch.bool)
+            first_in_batch[1:] = wrong_images[1:] != wrong_images[:-1]
+            newly = wrong_images[first_in_batch]
+            fresh = first_fool[newly] < 0
+            first_fool[newly[fresh]] = cands[wrong][first_in_batch][fresh]
+            fool_pred[newly[fresh]] = preds[wrong][first_in_batch][fresh]
+        if on_batch is not None:
+            done = n - int((((first_fool < 0) | exhaustive) & ~tried.all(dim=1)).sum())
+            on_batch(done, images.numel())
+    return SearchOutcome(first_fool, fool_pred, correct, tried, pairs)
+
+
+def grid_pair_predictor(
+    classifier: Classifier, images: Tensor, points: Tensor, fill: FillMode
+) -> PairPredictor:
+    """Predictions for (image, grid point) pairs: one resampling, one forward pass each."""
+    points = points.to(images.device)
+
+    def predict(rows: Tensor, cands: Tensor) -> Tensor:
+        moved = spatial_transform(images[rows], points[cands], fill)
+        return classifier.predict(moved)[0]
+
+    return predict
+
+
+def draw_pair_predictor(
+    classifier: Classifier, images: Tensor, draws: Tensor, fill: FillMode
+) -> PairPredictor:
+    """Predictions for (image, draw) pairs, with ``draws`` ``(N, k, 3)`` per image."""
+
+    def predict(rows: Tensor, cands: Tensor) -> Tensor:
+        moved = spatial_transform(images[rows], draws[rows, cands], fill)
+        return classifier.predict(moved)[0]
+
+    return predict
+
+
+def vote_predict(
+    classifier: Classifier,
+    inputs: Tensor,
+    image_ids: Tensor,
+    slots: Tensor | int,
+    *,
+    box: TransformBox,
+    seed: int,
+    stream: int,
+    samples: int,
+    fill: FillMode,
+) -> Tensor:
+    """The defended label of each input: majority of the model over ``samples`` transformations
+    drawn from ``box``, keyed by ``(seed, stream, image id, slot)`` and applied to the input
+    as it arrives (a second resampling when the input is already transformed)."""
+    n = inputs.shape[0]
+    draws = uniform_transforms(box, seed, stream, image_ids, samples, slots).to(inputs.device)
+    expanded = (
+        inputs.unsqueeze(1)
+        .expand(n, samples, *inputs.shape[1:])
+        .reshape(n * samples, *inputs.shape[1:])
+    )
+    labels, probs = classifier.predict(spatial_transform(expanded, draws.view(-1, 3), fill))
+    return majority_vote(labels.view(n, samples), probs.view(n, samples, -1))
+
+
+def grid_vote_pair_predictor(
+    classifier: Classifier,
+    images: Tensor,
+    image_ids: Tensor,
+    grid: GridSpec,
+    *,
+    seed: int,
+    samples: int,
+    fill: FillMode,
+) -> PairPredictor:
+    """Defended predictions for (image, grid point) pairs: the attack's transformation, then a
+    vote over fresh draws keyed by (seed, image id, grid index)."""
+    points = grid.points().to(images.device)
+    ids = image_ids.to(images.device)
+
+    def predict(rows: Tensor, cands: Tensor) -> Tensor:
+        attacked = spatial_transform(images[rows], points[cands], fill)
+        return vote_predict(
+            classifier,
+            attacked,
+            ids[rows],
+            cands,
+            box=grid.box,
+            seed=seed,
+            stream=STREAM_VOTE_GRID,
+            samples=samples,
+            fill=fill,
+        )
+
+    return predict
+
+
+def check_cancel(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise EvaluationCancelled("the evaluation was cancelled")
