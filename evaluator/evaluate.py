@@ -78,6 +78,7 @@ class EvalOptions:
     early_exit: bool = True
     vote_subset: int | None = None
     landscape_subset: int | None = None
+    shard: range | None = None
     chunk_bytes: int = 256 * 2**20
 
 
@@ -222,14 +223,13 @@ def evaluate(
     benchmark: BenchmarkSpec,
     options: EvalOptions = EvalOptions(),
     *,
-    positions: range | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``classifier`` on ``benchmark``.
 
-    ``positions`` restricts the run to a range of positions in the evaluation order (a shard);
-    by default all of them (after ``options.limit``). ``progress`` is called after every batch;
+    ``options.shard`` restricts the run to a range of positions in the evaluation order, so
+    several workers can split one evaluation; their ``per_image`` records concatenate. ``progress`` is called after every batch;
     ``should_stop`` is polled as often, and a true answer raises `EvaluationCancelled`.
     """
     metrics = frozenset(Metric(m) for m in options.metrics) | {Metric.NATURAL}
@@ -244,8 +244,8 @@ def evaluate(
     )
     order = evaluation_order(len(dataset), benchmark.seed, options.limit)
     all_positions = torch.arange(order.numel())
-    if positions is not None:
-        all_positions = all_positions[positions.start : positions.stop]
+    if options.shard is not None:
+        all_positions = all_positions[options.shard.start : options.shard.stop]
     n = all_positions.numel()
     device = classifier.device
     k = benchmark.worst_of_k if Metric.WORST_OF_K in metrics else 1

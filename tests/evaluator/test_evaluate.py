@@ -1,0 +1,137 @@
+"""A whole evaluation: the orderings that must hold, reproducibility, shards, progress."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from evaluator.benchmarks import get_benchmark
+from evaluator.errors import EvaluationCancelled
+from evaluator.evaluate import EvalOptions, Metric, Progress, evaluate, evaluation_order
+from evaluator.attacks import Classifier
+from evaluator.transforms import GridSpec, TransformBox
+from tests.evaluator.helpers import self_labelled, tiny_cnn
+
+BENCH = replace(
+    get_benchmark("digits"),
+    image_size=(16, 16),
+    grid=GridSpec(TransformBox(30, 3, 3), 7, 3, 3),
+    vote_samples=5,
+    worst_of_k=6,
+)
+
+
+def run(device: torch.device = torch.device("cpu"), n: int = 80, **options):
+    model = tiny_cnn()
+    data = self_labelled(model, n)
+    clf = Classifier(model, 10, device=device, batch_size=128)
+    return evaluate(clf, data, BENCH, EvalOptions(**options))
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run()
+
+
+def test_every_metric_is_reported_over_every_image(result) -> None:
+    assert set(result.metrics) == {"natural", "random", "worst_of_k", "grid", "vote_natural", "grid_vote"}
+    assert all(m.total == 80 for m in result.metrics.values())
+    assert result.metrics["natural"].correct == 72  # a tenth of the labels were flipped
+
+
+def test_attacks_never_beat_natural_accuracy(result) -> None:
+    acc = {k: v.correct for k, v in result.metrics.items()}
+    assert acc["grid"] <= acc["natural"]
+    assert acc["grid"] <= acc["worst_of_k"] <= acc["random"]
+    assert acc["grid_vote"] <= 80
+
+
+def test_the_ordering_holds_image_by_image(result) -> None:
+    p = {k: torch.tensor(v) for k, v in result.per_image.items()}
+    assert (p["worst_of_k_correct"] <= p["random_correct"]).all()
+    assert (p["grid_robust"] <= p["natural_correct"]).all()
+
+
+def test_the_grid_means_something_here(result) -> None:
+    assert 0 < result.metrics["grid"].correct < result.metrics["natural"].correct
+
+
+def test_early_exit_and_the_full_grid_agree_image_by_image(device: torch.device) -> None:
+    early = run(device, landscape_subset=0)
+    full = run(device, early_exit=False)
+    for key in ("grid_robust", "worst_of_k_correct", "random_correct", "grid_vote_robust"):
+        assert early.per_image[key] == full.per_image[key], key
+    assert early.cost["forward_passes"] < full.cost["forward_passes"]
+
+
+def test_same_seed_same_numbers() -> None:
+    assert run(n=40).per_image == run(n=40).per_image
+
+
+def test_shards_merge_into_the_whole() -> None:
+    whole = run(n=60, landscape_subset=0)
+    parts = [run(n=60, landscape_subset=0, shard=s) for s in (range(0, 25), range(25, 60))]
+    for key, values in whole.per_image.items():
+        assert values == parts[0].per_image[key] + parts[1].per_image[key], key
+
+
+def test_landscape_covers_the_grid_and_agrees_with_per_image_counts(result) -> None:
+    land = result.landscape
+    assert land["shape"] == [7, 3, 3] and land["images"] == 80
+    correct = torch.tensor(land["correct"])
+    fool_counts = torch.tensor(result.per_image["grid_fool_count"])
+    assert int((80 - correct).sum()) == int(fool_counts.sum())
+    robust = torch.tensor(result.per_image["grid_robust"]).bool()
+    assert ((fool_counts == 0) == robust).all()
+    accuracy = torch.tensor(land["accuracy"])
+    assert accuracy[3, 1, 1] == result.metrics["natural"].accuracy  # the identity
+
+
+def test_landscape_subset_is_recorded_and_limits_exhaustive_work() -> None:
+    res = run(landscape_subset=10)
+    assert res.landscape["images"] == 10 and res.config["landscape_subset"] == 10
+    counts = res.per_image["grid_fool_count"]
+    assert all(c >= 0 for c in counts[:10]) and all(c == -1 for c in counts[10:])
+
+
+def test_vote_subset_is_recorded() -> None:
+    res = run(vote_subset=12)
+    assert res.metrics["grid_vote"].total == 12 and res.metrics["vote_natural"].total == 12
+
+
+def test_only_the_requested_metrics_run() -> None:
+    res = run(metrics=frozenset({Metric.NATURAL, Metric.GRID}))
+    assert set(res.metrics) == {"natural", "grid"}
+    assert set(res.forward_passes) == {"natural", "grid", "total"}
+
+
+def test_progress_is_reported_and_reaches_the_end() -> None:
+    seen: list[Progress] = []
+    model = tiny_cnn()
+    evaluate(Classifier(model, 10), self_labelled(model, 30), BENCH, progress=seen.append)
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {p.phase for p in seen} == {"natural", "worst-of-k", "grid", "vote", "grid+vote"}
+    assert seen[-1].forward_passes > 0
+
+
+def test_cancel_stops_the_run() -> None:
+    model = tiny_cnn()
+    with pytest.raises(EvaluationCancelled):
+        evaluate(Classifier(model, 10), self_labelled(model, 30), BENCH, should_stop=lambda: True)
+
+
+def test_limit_takes_the_first_of_a_fixed_permutation() -> None:
+    order = evaluation_order(100, seed=0)
+    assert sorted(order.tolist()) == list(range(100))
+    assert evaluation_order(100, seed=0, limit=10).tolist() == order[:10].tolist()
+    res = run(n=50, limit=20)
+    assert res.per_image["index"] == evaluation_order(50, 0)[:20].tolist()
+
+
+def test_cost_record_is_complete(result) -> None:
+    cost = result.cost
+    assert cost["forward_passes"] == result.forward_passes["total"] > 0
+    assert cost["precision"] == "fp32" and cost["seed"] == 0
+    assert {"torch", "torchvision", "python", "spatialbench"} <= set(cost["versions"])
+    assert cost["device"].startswith("cpu")
