@@ -1,0 +1,204 @@
+"""The schema: users, API tokens, submissions, evaluations. SQLAlchemy 2.0, Postgres and SQLite.
+
+Postgres is the source of truth for a submission's status; the broker only carries ids.
+Relationships load explicitly (``lazy="raise"``): a query that needs related rows says so with
+``selectinload``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class SubmissionStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (SubmissionStatus.FINISHED, SubmissionStatus.FAILED, SubmissionStatus.CANCELLED)
+
+
+class ModelFormatName(StrEnum):
+    SAFETENSORS = "safetensors"
+    EXPORT = "export"
+
+
+class TrainingMethod(StrEnum):
+    STANDARD = "standard"
+    AUGMENTATION = "augmentation"
+    WORST_OF_K = "worst-of-k"
+    OTHER = "other"
+
+
+def _enum(cls: type[StrEnum], name: str) -> Enum:
+    # Stored as the values ("queued"), checked by a constraint rather than a native enum type,
+    # so adding a member needs no ALTER TYPE on Postgres.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    daily_limit: Mapped[int | None] = mapped_column(Integer, default=None)
+    concurrent_limit: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", lazy="raise")
+    submissions: Mapped[list[Submission]] = relationship(back_populates="owner", lazy="raise")
+
+
+class ApiToken(Base):
+    """A bearer token, stored as its sha256; the plain token is shown once at creation."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(64), default="default")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship(back_populates="tokens", lazy="raise")
+
+
+class Submission(Base):
+    __tablename__ = "submissions"
+    __table_args__ = (
+        UniqueConstraint("file_sha256", "benchmark", name="uq_submission_file_benchmark"),
+        Index("ix_submissions_owner_created", "owner_id", "created_at"),
+        Index("ix_submissions_status_heartbeat", "status", "heartbeat_at"),
+        Index("ix_submissions_benchmark_public_status", "benchmark", "is_public", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    display_name: Mapped[str] = mapped_column(String(200))
+    benchmark: Mapped[str] = mapped_column(String(64))
+    model_format: Mapped[ModelFormatName] = mapped_column(_enum(ModelFormatName, "model_format"))
+    architecture: Mapped[str | None] = mapped_column(String(100), default=None)
+    mean: Mapped[list[float] | None] = mapped_column(JSON, default=None)
+    std: Mapped[list[float] | None] = mapped_column(JSON, default=None)
+    training_method: Mapped[TrainingMethod] = mapped_column(
+        _enum(TrainingMethod, "training_method"), default=TrainingMethod.STANDARD
+    )
+    extra_data: Mapped[bool] = mapped_column(Boolean, default=False)
+    paper_url: Mapped[str | None] = mapped_column(String(500), default=None)
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    is_public: Mapped[bool] = mapped_column(Boolean, default=True)
+    is_baseline: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    file_size: Mapped[int] = mapped_column(BigInteger)
+
+    status: Mapped[SubmissionStatus] = mapped_column(
+        _enum(SubmissionStatus, "submission_status"), default=SubmissionStatus.QUEUED
+    )
+    phase: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    forward_passes: Mapped[int] = mapped_column(BigInteger, default=0)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    message: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    owner: Mapped[User] = relationship(back_populates="submissions", lazy="raise")
+    evaluation: Mapped[Evaluation | None] = relationship(
+        back_populates="submission", lazy="raise", uselist=False
+    )
+
+
+class Evaluation(Base):
+    """The result of a finished submission: one row, written in one transaction.
+
+    Headline accuracies are columns (the leaderboard sorts on them); the landscape, per-image
+    records, cost and config are JSON exactly as `evaluator.evaluate.EvaluationResult.to_dict`
+    gives them.
+    """
+
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_benchmark_grid", "benchmark", "grid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), unique=True
+    )
+    benchmark: Mapped[str] = mapped_column(String(64))
+    natural: Mapped[float | None] = mapped_column(Float, default=None)
+    random: Mapped[float | None] = mapped_column(Float, default=None)
+    worst_of_k: Mapped[float | None] = mapped_column(Float, default=None)
+    grid: Mapped[float | None] = mapped_column(Float, default=None)
+    vote_natural: Mapped[float | None] = mapped_column(Float, default=None)
+    grid_vote: Mapped[float | None] = mapped_column(Float, default=None)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    # {"natural": {"accuracy", "correct", "total"}, ...}
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    landscape: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    per_image: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Example images for the model page: [{"index", "label", "pred", "fool_pred", "point"...}]
+    examples: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    forward_passes: Mapped[int] = mapped_column(BigInteger, default=0)
+    wall_time_s: Mapped[float] = mapped_column(Float, default=0.0)
+    device: Mapped[str] = mapped_column(String(200), default="")
+    precision: Mapped[str] = mapped_column(String(16), default="fp32")
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    versions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cost: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    submission: Mapped[Submission] = relationship(back_populates="evaluation", lazy="raise")

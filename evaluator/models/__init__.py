@@ -1,0 +1,63 @@
+"""Model side of the evaluator: registry architectures and safe loading of submissions."""
+
+from evaluator.models.architectures import (
+    CifarResNet,
+    PreActResNet,
+    SmallCNN,
+    WideResNet,
+    preact_resnet18,
+    resnet32,
+    small_cnn,
+    torchvision_model,
+    wrn28_10,
+    wrn_28_k,
+)
+from evaluator.models.loading import (
+    HOW_TO_CONVERT,
+    ExportedModule,
+    ModelFormat,
+    Normalized,
+    check_export_archive,
+    check_safetensors,
+    detect_format,
+    load_export_model,
+    load_model,
+    load_safetensors_model,
+    wrap_normalization,
+)
+from evaluator.models.registry import (
+    ARCHITECTURES,
+    TORCHVISION_PREFIX,
+    ArchitectureSpec,
+    get_architecture,
+    list_architectures,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "HOW_TO_CONVERT",
+    "TORCHVISION_PREFIX",
+    "ArchitectureSpec",
+    "CifarResNet",
+    "ExportedModule",
+    "ModelFormat",
+    "Normalized",
+    "PreActResNet",
+    "SmallCNN",
+    "WideResNet",
+    "check_export_archive",
+    "check_safetensors",
+    "detect_format",
+    "get_architecture",
+    "list_architectures",
+    "load_export_model",
+    "load_model",
+    "load_safetensors_model",
+    "preact_resnet18",
+    "resnet32",
+    "small_cnn",
+    "torchvision_model",
+    "wrap_normalization",
+    "wrn28_10",
+    "wrn_28_k",
+]

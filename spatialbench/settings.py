@@ -1,0 +1,90 @@
+"""The one settings object of the service (API, worker, admin commands).
+
+Read once from the environment (prefix ``SPATIALBENCH_``) or a ``.env`` file, then passed
+down. The defaults are the embedded mode: SQLite and a broker that needs no server, everything
+under ``./var``. Production sets ``SPATIALBENCH_ENV=production`` and real URLs; a placeholder
+secret is refused there.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "change-me"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPATIALBENCH_", env_file=".env", extra="ignore")
+
+    env: Environment = Environment.DEVELOPMENT
+    secret_key: str = PLACEHOLDER_SECRET
+
+    # Where the embedded mode keeps its database, broker and uploads.
+    state_dir: Path = Path("var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_dir: Path | None = None
+    data_dir: Path = Path("data")
+    benchmarks_file: Path | None = None
+
+    public_url: str = "http://127.0.0.1:8000"
+
+    # Uploads and per-user caps.
+    max_upload_bytes: int = 512 * 2**20
+    daily_limit: int = 50
+    concurrent_limit: int = 3
+
+    # Workers.
+    task_soft_time_limit_s: int = 6 * 3600
+    task_hard_time_limit_s: int = 6 * 3600 + 600
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 120.0
+    max_attempts: int = 3
+    progress_interval_s: float = 2.0
+    device: str = "auto"
+    batch_size: int = 512
+    bf16: bool = False
+    sandbox_memory_bytes: int = 16 * 2**30
+    sandbox_user: str = "nobody"
+    eval_limit: int | None = Field(default=None, description="evaluate only N images (testing)")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        state = self.state_dir.resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{state / 'spatialbench.db'}"
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{state / 'broker.db'}"
+        if self.storage_dir is None:
+            self.storage_dir = state / "models"
+        if self.env is Environment.PRODUCTION and self.secret_key == PLACEHOLDER_SECRET:
+            raise ValueError(
+                "SPATIALBENCH_SECRET_KEY is the placeholder; set a real secret in production"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return str(self.database_url).startswith("sqlite")
+
+    def ensure_dirs(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        assert self.storage_dir is not None
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()
