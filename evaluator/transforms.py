@@ -111,25 +111,49 @@ def spatial_transform(
     if n == 0:
         return images.clone()
     fill = FillMode(fill)
-    matrices = affine_matrices(params, h, w)
-    # Sampling runs in float64 and rounds back once: a pixel-aligned move (integer shift,
-    # quarter turn) then lands on pixel centres to within 1e-16 of a pixel, which the final
-    # rounding removes (and the flush below, where the exact answer is a zero fill), so it is
-    # bit-exact on every image size. In float32, sizes that are not powers of two pick up 1e-7
-    # from neighbouring pixels. The cost is small next to a forward pass.
-    grid = F.affine_grid(matrices.to(images.device), [n, c, h, w], align_corners=False)
-    out64 = F.grid_sample(
-        images.to(torch.float64),
-        grid,
-        mode="bilinear",
-        padding_mode=fill.value,
-        align_corners=False,
+    grid = F.affine_grid(
+        affine_matrices(params, h, w).to(images.device), [n, c, h, w], align_corners=False
     )
-    out = torch.where(out64.abs() < 1e-12, 0.0, out64).to(images.dtype)
+    aligned = _pixel_aligned(params).to(images.device)
+    if images.dtype == torch.float64 or bool(aligned.all()):
+        out = _resample(images, grid, fill, exact=True)
+    elif not bool(aligned.any()):
+        out = _resample(images, grid, fill, exact=False)
+    else:
+        out = torch.empty_like(images)
+        rows = aligned.nonzero().squeeze(1)
+        out[rows] = _resample(images[rows], grid[rows], fill, exact=True)
+        rows = (~aligned).nonzero().squeeze(1)
+        out[rows] = _resample(images[rows], grid[rows], fill, exact=False)
     identity = (params == 0).all(dim=1).to(images.device)
     if bool(identity.any()):
         out = torch.where(identity[:, None, None, None], images, out)
     return out
+
+
+def _pixel_aligned(params: Tensor) -> Tensor:
+    """Rows whose move maps pixel centres onto pixel centres: quarter turns, whole pixels."""
+    theta, dx, dy = params.unbind(1)
+    return (torch.remainder(theta, 90) == 0) & (dx == dx.round()) & (dy == dy.round())
+
+
+def _resample(images: Tensor, grid: Tensor, fill: FillMode, *, exact: bool) -> Tensor:
+    """Bilinear sampling of ``images`` at ``grid`` (float64, normalised coordinates).
+
+    ``exact`` samples in float64 and rounds back once: a pixel-aligned move then lands on
+    pixel centres to within 1e-16 of a pixel, which the final rounding removes (and the flush,
+    where the exact answer is a zero fill), so integer shifts and quarter turns are bit-exact
+    on every image size. In float32 the sampler's own coordinate arithmetic leaves about 1e-7
+    of the neighbouring pixels on sizes that are not powers of two; for moves that interpolate
+    anyway that is far below anything a model sees, and float32 is what keeps resampling cheap
+    next to a forward pass.
+    """
+    if exact:
+        out = F.grid_sample(
+            images.to(torch.float64), grid, "bilinear", fill.value, align_corners=False
+        )
+        return torch.where(out.abs() < 1e-12, 0.0, out).to(images.dtype)
+    return F.grid_sample(images, grid.to(images.dtype), "bilinear", fill.value, align_corners=False)
 
 
 def transform_product(

@@ -20,6 +20,7 @@ app = typer.Typer(
 # (module, attribute, name or None to merge its commands at top level)
 _SUBAPPS: list[tuple[str, str, str | None]] = [
     ("evaluator.cli", "app", None),
+    ("evaluator.train_cli", "app", None),
     ("api.cli", "app", None),
     ("worker.cli", "app", None),
     ("spatialbench.serve", "app", None),

@@ -1,0 +1,397 @@
+"""The local command line: evaluate a model on your own machine, list what is available.
+
+This is the one place in `evaluator` that prints and writes files; it is run by a model's own
+author, so it may open ``.pt2`` archives directly (the service does that only in a sandbox).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from evaluator.benchmarks import (
+    BenchmarkSpec,
+    DatasetKind,
+    benchmark_from_mapping,
+    get_benchmark,
+    list_benchmarks,
+    load_benchmark_file,
+)
+from evaluator.errors import EvaluatorError
+
+app = typer.Typer(no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: where they go, and fetching them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+
+METRIC_LABELS = {
+    "natural": "natural",
+    "random": "random",
+    "worst_of_k": "worst-of-k",
+    "grid": "grid (headline)",
+    "vote_natural": "vote (natural)",
+    "grid_vote": "grid + vote",
+}
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA was asked for but no GPU is visible", param_hint="--device")
+    return name
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(
+            f"give numbers separated by commas, got {text!r}", param_hint=option
+        ) from None
+
+
+def resolve_benchmark_option(
+    name: str,
+    benchmarks_file: Path | None,
+    folder: Path | None,
+    image_size: int | None,
+    max_rotation: float | None,
+    max_translation: float | None,
+    grid: str | None,
+) -> BenchmarkSpec:
+    """The benchmark from its name, an operator's TOML file, or imagefolder options."""
+    extra = load_benchmark_file(benchmarks_file) if benchmarks_file else {}
+    table: dict[str, object] = {}
+    if folder is not None:
+        table["path"] = str(folder.resolve())
+    if image_size is not None:
+        table["image_size"] = image_size
+    if max_rotation is not None:
+        table["max_rotation"] = max_rotation
+    if max_translation is not None:
+        table["max_translation"] = max_translation
+    if grid is not None:
+        try:
+            table["grid"] = [int(v) for v in grid.lower().replace("x", ",").split(",")]
+        except ValueError:
+            raise typer.BadParameter(
+                "give the grid as THETAxDXxDY, e.g. 31x5x5", param_hint="--grid"
+            ) from None
+    if name == DatasetKind.IMAGEFOLDER.value and name not in extra:
+        if folder is None:
+            raise typer.BadParameter("imagefolder needs --folder DIR (one sub-folder per class)")
+        return benchmark_from_mapping(name, {"dataset": "imagefolder", **table})
+    spec = get_benchmark(name, extra)
+    if table:
+        spec = benchmark_from_mapping(name, {**_as_table(spec), **table})
+    return spec
+
+
+def _as_table(spec: BenchmarkSpec) -> dict[str, object]:
+    b = spec.grid.box
+    table: dict[str, object] = {
+        "dataset": spec.dataset.value,
+        "split": spec.split,
+        "num_classes": spec.num_classes,
+        "channels": spec.channels,
+        "image_size": list(spec.image_size),
+        "max_rotation": b.max_rotation,
+        "max_translation": [b.max_dx, b.max_dy],
+        "grid": list(spec.grid.shape),
+        "fill": spec.fill.value,
+        "seed": spec.seed,
+        "worst_of_k": spec.worst_of_k,
+        "vote_samples": spec.vote_samples,
+        "title": spec.title,
+        "description": spec.description,
+    }
+    for key in ("vote_subset", "landscape_subset", "resize", "path"):
+        if getattr(spec, key) is not None:
+            table[key] = getattr(spec, key)
+    return table
+
+
+def results_table(result_dict: dict) -> Table:
+    table = Table(title=f"SpatialBench: {result_dict['benchmark']['name']}")
+    table.add_column("metric")
+    table.add_column("accuracy", justify="right")
+    table.add_column("correct / images", justify="right")
+    for key, label in METRIC_LABELS.items():
+        value = result_dict["metrics"].get(key)
+        if value is None:
+            continue
+        acc = value["accuracy"]
+        table.add_row(
+            label,
+            "-" if acc is None else f"{100 * acc:.2f}%",
+            f"{value['correct']} / {value['total']}",
+        )
+    cost = result_dict["cost"]
+    grid_passes = result_dict["forward_passes"].get("grid", 0)
+    full = cost["full_grid_forward_passes"]
+    grid_share = (
+        f", grid {grid_passes:,} = {grid_passes / full:.1%} of the full grid" if full else ""
+    )
+    table.caption = (
+        f"{cost['forward_passes']:,} forward passes{grid_share}; {cost['wall_time_s']:.1f} s on "
+        f"{cost['device']}, {cost['precision']}, seed {cost['seed']}"
+    )
+    return table
+
+
+@app.command()
+def evaluate(
+    benchmark: Annotated[
+        str,
+        typer.Option(
+            help="cifar10, imagenet, mnist, digits, imagefolder, or one from --benchmarks-file"
+        ),
+    ],
+    weights: Annotated[Path | None, typer.Option(help="safetensors weights for --arch")] = None,
+    arch: Annotated[str | None, typer.Option(help="registry architecture of --weights")] = None,
+    model: Annotated[Path | None, typer.Option(help="a torch.export archive (.pt2)")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="datasets directory [env SPATIALBENCH_DATA_DIR, else ./data]"),
+    ] = None,
+    benchmarks_file: Annotated[
+        Path | None, typer.Option(help="TOML file with [benchmarks.NAME] tables")
+    ] = None,
+    folder: Annotated[
+        Path | None, typer.Option(help="imagefolder: class-per-folder directory")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="imagefolder: image side in pixels")
+    ] = None,
+    max_rotation: Annotated[float | None, typer.Option(help="rotation limit, degrees")] = None,
+    max_translation: Annotated[float | None, typer.Option(help="translation limit, pixels")] = None,
+    grid: Annotated[str | None, typer.Option(help="grid counts THETAxDXxDY, e.g. 31x5x5")] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="per-channel mean, applied after the transform")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="per-channel std, applied after the transform")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="evaluate the first N images of the fixed order")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="forward-pass batch size")] = 512,
+    seed: Annotated[int | None, typer.Option(help="seed of the random draws [benchmark's]")] = None,
+    metrics: Annotated[
+        str, typer.Option(help="comma-separated: natural,random,worst-of-k,grid,vote")
+    ] = "natural,random,worst-of-k,grid,vote",
+    early_exit: Annotated[
+        bool, typer.Option(help="stop attacking an image once it is fooled")
+    ] = True,
+    vote_subset: Annotated[
+        int | None, typer.Option(help="images for the vote metrics [benchmark's]")
+    ] = None,
+    landscape_subset: Annotated[
+        int | None, typer.Option(help="images for the full landscape [benchmark's]")
+    ] = None,
+    bf16: Annotated[
+        bool, typer.Option(help="run the model in bfloat16 autocast (recorded)")
+    ] = False,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="write every metric, the landscape and the cost here"),
+    ] = None,
+    per_image: Annotated[bool, typer.Option(help="include per-image records in the JSON")] = True,
+) -> None:
+    """Attack a model with the rotation-and-translation grid and report every metric."""
+    import torch
+
+    from evaluator.attacks import Classifier
+    from evaluator.data import load_dataset, resolve_benchmark
+    from evaluator.evaluate import EvalOptions, Metric
+    from evaluator.evaluate import evaluate as run_evaluation
+    from evaluator.models.loading import load_model
+
+    if (weights is None) == (model is None):
+        raise typer.BadParameter("give either --weights with --arch, or --model for a .pt2 archive")
+    try:
+        wanted = frozenset(Metric(m.strip()) for m in metrics.split(",") if m.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"metrics are {', '.join(m.value for m in Metric)}", param_hint="--metrics"
+        ) from None
+    try:
+        spec = resolve_benchmark_option(
+            benchmark, benchmarks_file, folder, image_size, max_rotation, max_translation, grid
+        )
+        dataset = load_dataset(spec, data_dir)
+        spec = resolve_benchmark(spec, dataset)
+        dev = pick_device(device)
+        net = load_model(
+            weights or model,  # type: ignore[arg-type]
+            arch=arch,
+            num_classes=spec.num_classes,
+            mean=parse_floats(mean, "--mean"),
+            std=parse_floats(std, "--std"),
+            device=dev,
+        )
+        if dev == "cpu":
+            torch.set_num_threads(torch.get_num_threads())
+        classifier = Classifier(net, spec.num_classes, device=dev, batch_size=batch_size, bf16=bf16)
+        options = EvalOptions(
+            metrics=wanted,
+            seed=seed,
+            limit=limit,
+            early_exit=early_exit,
+            vote_subset=vote_subset,
+            landscape_subset=landscape_subset,
+        )
+        with Progress(
+            TextColumn("{task.fields[phase]:<11}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[passes]:>14} passes"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
+            task = bar.add_task("evaluate", total=1.0, phase="loading", passes="0")
+
+            def on_progress(p) -> None:  # type: ignore[no-untyped-def]
+                bar.update(
+                    task, completed=p.fraction, phase=p.phase, passes=f"{p.forward_passes:,}"
+                )
+
+            result = run_evaluation(classifier, dataset, spec, options, progress=on_progress)
+            bar.update(task, completed=1.0, phase="done")
+    except EvaluatorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    out = result.to_dict(include_per_image=per_image)
+    Console().print(results_table(out))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(out, indent=1))
+        console.print(f"wrote {json_out}")
+
+
+@app.command("benchmarks")
+def benchmarks_command(
+    benchmarks_file: Annotated[
+        Path | None, typer.Option(help="TOML file with [benchmarks.NAME] tables")
+    ] = None,
+) -> None:
+    """List the benchmarks: dataset, image size, limits, grid."""
+    extra = load_benchmark_file(benchmarks_file) if benchmarks_file else {}
+    table = Table(title="benchmarks")
+    for column in (
+        "name",
+        "dataset",
+        "images",
+        "rotation",
+        "translation",
+        "grid",
+        "vote/landscape subset",
+    ):
+        table.add_column(column)
+    for spec in list_benchmarks(extra):
+        b = spec.grid.box
+        table.add_row(
+            spec.name,
+            f"{spec.dataset.value} {spec.split}",
+            f"{spec.channels}x{spec.image_size[0]}x{spec.image_size[1]}",
+            f"±{b.max_rotation:g}°",
+            f"±{b.max_dx:g}/{b.max_dy:g} px",
+            "x".join(map(str, spec.grid.shape)) + f" = {spec.grid.size}",
+            f"{spec.vote_subset or 'all'} / {spec.landscape_subset or 'all'}",
+        )
+    Console().print(table)
+
+
+@app.command("architectures")
+def architectures_command() -> None:
+    """List the registry architectures accepted with safetensors weights."""
+    from evaluator.models import get_architecture, list_architectures
+
+    table = Table(title="architectures")
+    for column in ("name", "input", "description"):
+        table.add_column(column)
+    for name in list_architectures():
+        spec = get_architecture(name)
+        table.add_row(
+            name, f"{spec.in_channels}x{spec.input_size[0]}x{spec.input_size[1]}", spec.description
+        )
+    Console().print(table)
+
+
+DOWNLOADS = {
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "cifar-10-python.tar.gz",
+    ),
+}
+
+
+@data_app.command("where")
+def data_where(
+    benchmark: str,
+    data_dir: Annotated[Path | None, typer.Option(help="datasets directory")] = None,
+) -> None:
+    """Say which files a benchmark reads and where they go."""
+    from evaluator.data import dataset_help
+
+    try:
+        typer.echo(dataset_help(get_benchmark(benchmark), data_dir))
+    except EvaluatorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@data_app.command("fetch")
+def data_fetch(
+    benchmark: str,
+    data_dir: Annotated[Path, typer.Option(help="datasets directory")] = Path("data"),
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the server")] = 30.0,
+) -> None:
+    """Download a dataset where that is possible; otherwise say where to put its files."""
+    import tarfile
+    import urllib.request
+
+    from evaluator.data import dataset_help
+
+    spec = replace(get_benchmark(benchmark))
+    if spec.name not in DOWNLOADS:
+        console.print(
+            f"{spec.name} cannot be downloaded automatically.\n{dataset_help(spec, data_dir)}"
+        )
+        raise typer.Exit(1)
+    url, filename = DOWNLOADS[spec.name]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    target = data_dir / filename
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as fh:
+            while chunk := response.read(1 << 20):
+                fh.write(chunk)
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        console.print(f"could not download {url} ({exc}).\n{dataset_help(spec, data_dir)}")
+        raise typer.Exit(1) from None
+    with tarfile.open(target) as tar:
+        tar.extractall(data_dir, filter="data")
+    console.print(f"extracted into {data_dir}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

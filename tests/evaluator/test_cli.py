@@ -1,0 +1,127 @@
+"""The local CLI: evaluate a registry model on digits and a .pt2 model on an imagefolder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from evaluator.cli import app
+from evaluator.models import get_architecture
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def digits_weights(tmp_path: Path) -> Path:
+    path = tmp_path / "cnn.safetensors"
+    save_file(get_architecture("small_cnn").build(10).state_dict(), str(path))
+    return path
+
+
+def test_evaluate_digits_prints_the_table_and_writes_the_json(
+    digits_weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "result.json"
+    result = runner.invoke(
+        app,
+        ["evaluate", "--benchmark", "digits", "--weights", str(digits_weights),
+         "--arch", "small_cnn", "--limit", "12", "--device", "cpu", "--metrics", "natural,random,worst-of-k,grid,vote",
+         "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "grid (headline)" in result.output and "grid + vote" in result.output
+    doc = json.loads(out.read_text())
+    assert set(doc["metrics"]) == {
+        "natural",
+        "random",
+        "worst_of_k",
+        "grid",
+        "vote_natural",
+        "grid_vote",
+    }
+    assert doc["metrics"]["grid"]["total"] == 12
+    assert doc["landscape"]["shape"] == [31, 5, 5]
+    assert {"forward_passes", "wall_time_s", "device", "precision", "versions", "seed"} <= set(
+        doc["cost"]
+    )
+    assert len(doc["per_image"]["index"]) == 12
+
+
+def make_imagefolder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).relu().mean(dim=(2, 3)))
+
+
+def test_evaluate_an_export_archive_on_an_imagefolder(tmp_path: Path) -> None:
+    folder = make_imagefolder(tmp_path / "images")
+    model_path = tmp_path / "tiny.pt2"
+    example = (torch.rand(2, 3, 16, 16),)
+    program = torch.export.export(
+        Tiny().eval(), example, dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, str(model_path))
+    out = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        ["evaluate", "--benchmark", "imagefolder", "--folder", str(folder), "--image-size", "16",
+         "--max-rotation", "20", "--max-translation", "2", "--grid", "5x3x3",
+         "--model", str(model_path), "--device", "cpu", "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"]["grid"] == [5, 3, 3] and doc["benchmark"]["max_rotation"] == 20
+    assert doc["metrics"]["natural"]["total"] == 12
+
+
+def test_missing_dataset_says_where_the_files_go(digits_weights: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["evaluate", "--benchmark", "cifar10", "--weights", str(digits_weights),
+         "--arch", "resnet32", "--data-dir", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "cifar-10-batches-py" in result.output
+
+
+def test_a_pickle_is_refused_with_how_to_convert(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(get_architecture("small_cnn").build(10).state_dict(), path)
+    result = runner.invoke(
+        app, ["evaluate", "--benchmark", "digits", "--weights", str(path), "--arch", "small_cnn"]
+    )
+    assert result.exit_code == 2
+    assert "safetensors" in result.output
+
+
+def test_weights_and_model_are_exclusive(digits_weights: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--benchmark", "digits"])
+    assert result.exit_code != 0 and "--weights" in result.output
+
+
+def test_unknown_metric_is_refused(digits_weights: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["evaluate", "--benchmark", "digits", "--weights", str(digits_weights),
+         "--arch", "small_cnn", "--metrics", "grid,bogus"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "natural" in result.output
