@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    MetaData,
     String,
     Text,
     UniqueConstraint,
@@ -37,7 +38,19 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+# Every constraint and index gets a predictable name, so later migrations can alter or drop it
+# (on SQLite, batch mode rebuilds tables and needs the names).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
 class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
 
 
@@ -50,7 +63,11 @@ class SubmissionStatus(StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self in (SubmissionStatus.FINISHED, SubmissionStatus.FAILED, SubmissionStatus.CANCELLED)
+        return self in (
+            SubmissionStatus.FINISHED,
+            SubmissionStatus.FAILED,
+            SubmissionStatus.CANCELLED,
+        )
 
 
 class ModelFormatName(StrEnum):

@@ -229,8 +229,9 @@ def evaluate(
     """Evaluate ``classifier`` on ``benchmark``.
 
     ``options.shard`` restricts the run to a range of positions in the evaluation order, so
-    several workers can split one evaluation; their ``per_image`` records concatenate. ``progress`` is called after every batch;
-    ``should_stop`` is polled as often, and a true answer raises `EvaluationCancelled`.
+    several workers can split one evaluation; their ``per_image`` records concatenate.
+    ``progress`` is called after every batch; ``should_stop`` is polled as often, and a true
+    answer raises `EvaluationCancelled`.
     """
     metrics = frozenset(Metric(m) for m in options.metrics) | {Metric.NATURAL}
     seed = benchmark.seed if options.seed is None else options.seed

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     daily_limit: int = 50
     concurrent_limit: int = 3
 
+    # Run the database migrations when the API starts; None: only in the embedded (SQLite)
+    # mode, where nobody else would. Production runs `spatialbench db upgrade` once per deploy.
+    auto_migrate: bool | None = None
+
     # Workers.
     task_soft_time_limit_s: int = 6 * 3600
     task_hard_time_limit_s: int = 6 * 3600 + 600
@@ -58,6 +62,18 @@ class Settings(BaseSettings):
     sandbox_memory_bytes: int = 16 * 2**30
     sandbox_user: str = "nobody"
     eval_limit: int | None = Field(default=None, description="evaluate only N images (testing)")
+    # How often the worker's reaper looks for jobs whose heartbeat stopped.
+    reaper_interval_s: float = 30.0
+    # The sandboxed evaluation's wall-clock limit; None: a minute under the soft time limit.
+    sandbox_deadline_s: float | None = None
+    # CPU threads of the sandboxed evaluation (OMP_NUM_THREADS); None: all cores.
+    sandbox_threads: int | None = None
+    # Run the evaluation without network access where the kernel allows it (user+net namespace).
+    sandbox_isolate_network: bool = True
+    # Where the sandbox's private working folders go; None: the system temp folder.
+    sandbox_tmp_dir: Path | None = None
+    # Example images kept per evaluation for the model page (fooled ones; a few robust ones).
+    example_images: int = 8
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
@@ -77,6 +93,15 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return str(self.database_url).startswith("sqlite")
+
+    @property
+    def migrate_on_start(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    def model_path(self, sha256: str) -> Path:
+        """Where the uploaded model file with this sha256 is stored."""
+        assert self.storage_dir is not None
+        return self.storage_dir / sha256[:2] / sha256
 
     def ensure_dirs(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

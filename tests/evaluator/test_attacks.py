@@ -18,7 +18,9 @@ from tests.evaluator.helpers import self_labelled, tiny_cnn
 SMALL_GRID = GridSpec(TransformBox(30, 3, 3), 7, 3, 3)
 
 
-def full_grid_correctness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def full_grid_correctness(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """The brute-force oracle: every image under every grid point, one point at a time."""
     columns = []
     with torch.no_grad():
@@ -100,7 +102,9 @@ def test_known_identity_results_are_not_recomputed(setup) -> None:
         exhaustive=torch.ones(len(labels), dtype=torch.bool),
     )
     assert clf.forward_passes - before == len(labels) * (SMALL_GRID.size - 1)
-    assert torch.equal(outcome.robust.cpu(), full_grid_correctness(model, data.images, data.labels).all(1))
+    assert torch.equal(
+        outcome.robust.cpu(), full_grid_correctness(model, data.images, data.labels).all(1)
+    )
 
 
 def test_adaptive_order_puts_the_most_fooling_points_first() -> None:

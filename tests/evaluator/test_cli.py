@@ -30,7 +30,8 @@ def test_evaluate_digits_prints_the_table_and_writes_the_json(
     result = runner.invoke(
         app,
         ["evaluate", "--benchmark", "digits", "--weights", str(digits_weights),
-         "--arch", "small_cnn", "--limit", "12", "--device", "cpu", "--metrics", "natural,random,worst-of-k,grid,vote",
+         "--arch", "small_cnn", "--limit", "12", "--device", "cpu",
+         "--metrics", "natural,random,worst-of-k,grid,vote",
          "--json", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

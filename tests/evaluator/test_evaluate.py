@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark
 from evaluator.errors import EvaluationCancelled
 from evaluator.evaluate import EvalOptions, Metric, Progress, evaluate, evaluation_order
-from evaluator.attacks import Classifier
 from evaluator.transforms import GridSpec, TransformBox
 from tests.evaluator.helpers import self_labelled, tiny_cnn
 
@@ -34,7 +34,14 @@ def result():
 
 
 def test_every_metric_is_reported_over_every_image(result) -> None:
-    assert set(result.metrics) == {"natural", "random", "worst_of_k", "grid", "vote_natural", "grid_vote"}
+    assert set(result.metrics) == {
+        "natural",
+        "random",
+        "worst_of_k",
+        "grid",
+        "vote_natural",
+        "grid_vote",
+    }
     assert all(m.total == 80 for m in result.metrics.values())
     assert result.metrics["natural"].correct == 72  # a tenth of the labels were flipped
 

@@ -48,7 +48,9 @@ def test_identity_rows_are_bit_exact_in_a_mixed_batch(device: torch.device) -> N
 
 @pytest.mark.parametrize("size", [7, 8, 28, 32])
 @pytest.mark.parametrize("quarter_turns", [1, 2, 3, -1])
-def test_quarter_turns_equal_rot90_exactly(device: torch.device, size: int, quarter_turns: int) -> None:
+def test_quarter_turns_equal_rot90_exactly(
+    device: torch.device, size: int, quarter_turns: int
+) -> None:
     x = torch.rand(4, 3, size, size, device=device)
     out = spatial_transform(x, params(90.0 * quarter_turns, 0, 0, 4))
     assert torch.equal(out, torch.rot90(x, quarter_turns, dims=(-2, -1)))
