@@ -219,6 +219,7 @@ def evaluate(
     from evaluator.attacks import Classifier
     from evaluator.data import load_dataset, resolve_benchmark
     from evaluator.evaluate import EvalOptions, Metric
+    from evaluator.evaluate import Progress as EvalProgress
     from evaluator.evaluate import evaluate as run_evaluation
     from evaluator.models.loading import load_model
 
@@ -237,8 +238,10 @@ def evaluate(
         dataset = load_dataset(spec, data_dir)
         spec = resolve_benchmark(spec, dataset)
         dev = pick_device(device)
+        model_path = weights if weights is not None else model
+        assert model_path is not None
         net = load_model(
-            weights or model,  # type: ignore[arg-type]
+            model_path,
             arch=arch,
             num_classes=spec.num_classes,
             mean=parse_floats(mean, "--mean"),
@@ -269,7 +272,7 @@ def evaluate(
         ) as bar:
             task = bar.add_task("evaluate", total=1.0, phase="loading", passes="0")
 
-            def on_progress(p) -> None:  # type: ignore[no-untyped-def]
+            def on_progress(p: EvalProgress) -> None:
                 bar.update(
                     task, completed=p.fraction, phase=p.phase, passes=f"{p.forward_passes:,}"
                 )

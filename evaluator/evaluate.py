@@ -181,6 +181,14 @@ class _Tracker:
         self.chunk = 0
         self.passes_at_start = classifier.forward_passes
 
+    def reporter(self, phase: str, images: int) -> Callable[[int, int], None]:
+        """An ``on_batch`` callback for a search over ``images`` images."""
+
+        def on_batch(done: int, _pairs: int) -> None:
+            self.report(phase, done / max(images, 1))
+
+        return on_batch
+
     def report(self, phase: str, phase_fraction: float) -> None:
         check_cancel(self.should_stop)
         if self.callback is None:
@@ -311,7 +319,7 @@ def evaluate(
                 k,
                 pairs_per_batch=classifier.batch_size,
                 exhaustive=None if options.early_exit else torch.ones(m, dtype=torch.bool),
-                on_batch=lambda d, _p, m=m: tracker.report("worst-of-k", d / m),
+                on_batch=tracker.reporter("worst-of-k", m),
             )
             # Draw 0 is tried first for every image, so it is the random attack's draw.
             record["random_correct"][rows] = outcome.correct[:, 0].long().cpu()
@@ -334,7 +342,7 @@ def evaluate(
                 order=grid_order,
                 exhaustive=in_landscape.to(device),
                 known=known,
-                on_batch=lambda d, _p, m=m: tracker.report("grid", d / m),
+                on_batch=tracker.reporter("grid", m),
             )
             record["grid_robust"][rows] = outcome.robust.long().cpu()
             record["grid_fool_point"][rows] = outcome.first_fool.cpu()
@@ -393,7 +401,7 @@ def evaluate(
                     exhaustive=None
                     if options.early_exit
                     else torch.ones(len(v_labels), dtype=torch.bool),
-                    on_batch=lambda d, _p, nv=len(v_labels): tracker.report("grid+vote", d / nv),
+                    on_batch=tracker.reporter("grid+vote", len(v_labels)),
                 )
                 record["grid_vote_robust"][rows][vote_rows.cpu()] = outcome.robust.long().cpu()
                 count("grid+vote", before)
