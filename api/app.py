@@ -1,0 +1,76 @@
+"""The FastAPI app: JSON API under ``/api/v1``, OpenAPI at ``/docs``, ``/healthz``, ``/metrics``.
+
+``create_app(settings)`` builds an app and connects to nothing until a request needs the
+database, so the API starts (and answers 503) while the database is down, and recovers when
+it is back. In the embedded mode (SQLite) it runs the migrations at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import install_error_handlers
+from api.metrics import ApiMetrics, MetricsMiddleware
+from api.pages import install_pages
+from api.routes import catalog, leaderboard, ops, submissions
+from db.session import Database
+from spatialbench.settings import Settings, get_settings
+
+__all__ = ["API_PREFIX", "create_app"]
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None, *, database: Database | None = None) -> FastAPI:
+    """The app for ``settings`` (default: the process's). ``database`` replaces the one made
+    from ``settings.database_url`` (tests pass one bound to a rolled-back connection)."""
+    from evaluator import __version__
+
+    settings = settings or get_settings()
+    database = database or Database(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        assert settings.storage_dir is not None
+        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        if settings.migrate_on_start:
+            from db.migrate import upgrade
+
+            await run_in_threadpool(upgrade, database.engine)
+        try:
+            yield
+        finally:
+            database.dispose()
+
+    app = FastAPI(
+        title="SpatialBench",
+        version=__version__,
+        summary="Spatial robustness of image classifiers (Engstrom et al., ICML 2019).",
+        description=(
+            "Upload a classifier; workers attack it with the exhaustive rotation-and-"
+            "translation grid and the majority-vote defense; results land on the "
+            "leaderboard. Authenticate with `Authorization: Bearer <token>`."
+        ),
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.database = database
+    app.state.metrics = ApiMetrics(database)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_error_handlers(app)
+
+    api = APIRouter(prefix=API_PREFIX)
+    api.include_router(submissions.router)
+    api.include_router(catalog.router)
+    api.include_router(leaderboard.router)
+    app.include_router(api)
+    app.include_router(ops.router)
+    install_pages(app)
+    return app

@@ -1,0 +1,1 @@
+"""The HTTP routes: thin wrappers that validate, call one service function and return."""

@@ -1,0 +1,66 @@
+"""``/api/v1/leaderboard/{benchmark}``: JSON, or CSV with ``?format=csv``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+
+from api.deps import SessionDep, SettingsDep
+from api.errors import NotFound
+from api.schemas import LeaderboardPage, SortKey, SortOrder
+from api.services.benchmarks import get_benchmark
+from api.services.leaderboard import MAX_PER_PAGE, leaderboard, leaderboard_csv
+from db.models import TrainingMethod
+from evaluator.errors import UnknownBenchmarkError
+
+router = APIRouter(tags=["leaderboard"])
+
+
+@router.get(
+    "/leaderboard/{benchmark}",
+    response_model=LeaderboardPage,
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+)
+def read_leaderboard(
+    benchmark: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    sort: SortKey = SortKey.GRID,
+    order: SortOrder | None = None,
+    training_method: TrainingMethod | None = None,
+    architecture: str | None = None,
+    search: Annotated[str | None, Query(max_length=200)] = None,
+    page: Annotated[int, Query(ge=1)] = 1,
+    per_page: Annotated[int | None, Query(ge=1, le=MAX_PER_PAGE)] = None,
+    format: Literal["json", "csv"] = "json",
+) -> LeaderboardPage | Response:
+    """Public, finished submissions ranked by `sort` (default: grid accuracy, best first).
+
+    JSON pages hold 50 rows unless `per_page` says otherwise; CSV holds every row unless
+    `per_page` is given.
+    """
+    try:
+        spec = get_benchmark(benchmark, settings)
+    except UnknownBenchmarkError as exc:
+        raise NotFound(str(exc)) from None
+    if per_page is None and format == "json":
+        per_page = 50
+    result = leaderboard(
+        session,
+        spec.name,
+        sort=sort,
+        order=order,
+        training_method=training_method,
+        architecture=architecture,
+        search=search,
+        page=page,
+        per_page=per_page,
+    )
+    if format == "csv":
+        return Response(
+            leaderboard_csv(result),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{spec.name}-leaderboard.csv"'},
+        )
+    return result

@@ -1,0 +1,308 @@
+"""The API's types: what clients send and what they get back (separate from the ORM rows)."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    field_validator,
+    model_validator,
+)
+
+from db.models import ModelFormatName, SubmissionStatus, TrainingMethod
+
+__all__ = [
+    "ArchitecturePublic",
+    "BenchmarkPublic",
+    "EvaluationPublic",
+    "LeaderboardPage",
+    "LeaderboardRow",
+    "MePublic",
+    "Metrics",
+    "SortKey",
+    "SortOrder",
+    "SubmissionAccepted",
+    "SubmissionCreate",
+    "SubmissionList",
+    "SubmissionPublic",
+    "as_utc",
+]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every time we store is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --- Submissions ----------------------------------------------------------------------------
+
+
+def _floats(value: Any) -> list[float] | None:
+    """``"0.5,0.5,0.5"``, ``"[0.5, 0.5, 0.5]"`` or a list; empty means not given."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list of numbers ({exc.msg})") from None
+        else:
+            value = text.split(",")
+    if not isinstance(value, list) or not value:
+        raise ValueError("give one number per channel, comma-separated or as a JSON list")
+    try:
+        numbers = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError("give one number per channel, comma-separated or as a JSON list") from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError("values must be finite numbers")
+    return numbers
+
+
+class SubmissionCreate(BaseModel):
+    """The metadata of an upload (the multipart form's text fields)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    display_name: str = Field(min_length=1, max_length=200)
+    benchmark: str = Field(min_length=1, max_length=64)
+    architecture: str | None = Field(default=None, max_length=100)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    training_method: TrainingMethod = TrainingMethod.STANDARD
+    extra_data: bool = False
+    paper_url: HttpUrl | None = None
+    description: str | None = Field(default=None, max_length=10_000)
+    is_public: bool = True
+
+    @field_validator("architecture", "paper_url", "description", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _parse_floats(cls, value: Any) -> list[float] | None:
+        return _floats(value)
+
+    @field_validator("paper_url")
+    @classmethod
+    def _short_url(cls, value: HttpUrl | None) -> HttpUrl | None:
+        if value is not None and len(str(value)) > 500:
+            raise ValueError("at most 500 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _mean_and_std(self) -> SubmissionCreate:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std for input normalisation, or neither")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != len(self.std):
+                raise ValueError(
+                    f"mean has {len(self.mean)} values and std {len(self.std)}; give one per "
+                    "channel in both"
+                )
+            if not all(s > 0 for s in self.std):
+                raise ValueError("std values must be positive")
+        return self
+
+
+class Metrics(BaseModel):
+    """The headline accuracies (fractions in [0, 1]; None when not measured)."""
+
+    natural: float | None = None
+    random: float | None = None
+    worst_of_k: float | None = None
+    grid: float | None = None
+    vote_natural: float | None = None
+    grid_vote: float | None = None
+
+
+class EvaluationPublic(_Public):
+    benchmark: str
+    metrics: Metrics
+    # Per metric: {"accuracy", "correct", "total"}, as the evaluator reports them.
+    details: dict[str, Any]
+    images: int
+    landscape: dict[str, Any] | None
+    examples: list[Any] | None
+    forward_passes: int
+    wall_time_s: float
+    device: str
+    precision: str
+    seed: int
+    versions: dict[str, Any]
+    config: dict[str, Any]
+    cost: dict[str, Any]
+    created_at: UtcDatetime
+
+
+class SubmissionPublic(_Public):
+    id: str
+    status_url: str
+    owner: str
+    display_name: str
+    benchmark: str
+    model_format: ModelFormatName
+    architecture: str | None
+    mean: list[float] | None
+    std: list[float] | None
+    training_method: TrainingMethod
+    extra_data: bool
+    paper_url: str | None
+    description: str | None
+    is_public: bool
+    is_baseline: bool
+    file_sha256: str
+    file_size: int
+    status: SubmissionStatus
+    phase: str | None
+    progress: float
+    forward_passes: int
+    eta_seconds: float | None
+    message: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    heartbeat_at: UtcDatetime | None
+    evaluation: EvaluationPublic | None = None
+
+
+class SubmissionAccepted(SubmissionPublic):
+    """The answer to an upload: the submission, and whether it already existed."""
+
+    duplicate: bool = False
+
+
+class SubmissionList(BaseModel):
+    items: list[SubmissionPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+# --- Benchmarks and architectures ---------------------------------------------------------
+
+
+class BenchmarkPublic(BaseModel):
+    name: str
+    title: str
+    dataset: str
+    split: str
+    num_classes: int
+    channels: int
+    image_size: list[int]
+    max_rotation: float
+    max_translation: list[float]
+    grid: list[int]
+    grid_points: int
+    fill: str
+    seed: int
+    worst_of_k: int
+    vote_samples: int
+    vote_subset: int | None
+    landscape_subset: int | None
+    description: str
+    # Registry architectures whose input fits this benchmark's images.
+    architectures: list[str]
+    leaderboard_url: str
+
+
+class ArchitecturePublic(BaseModel):
+    name: str
+    description: str
+    input_size: list[int]
+    in_channels: int
+    default_num_classes: int
+    # Benchmarks whose images fit this architecture's input.
+    benchmarks: list[str]
+
+
+class MePublic(BaseModel):
+    name: str
+    is_admin: bool
+    daily_limit: int | None
+    concurrent_limit: int | None
+    submissions_last_24h: int
+    active_submissions: int
+
+
+# --- Leaderboard ----------------------------------------------------------------------------
+
+
+class SortKey(StrEnum):
+    """What the leaderboard can be sorted by: a metric, the submission time or the name."""
+
+    NATURAL = "natural"
+    RANDOM = "random"
+    WORST_OF_K = "worst_of_k"
+    GRID = "grid"
+    VOTE_NATURAL = "vote_natural"
+    GRID_VOTE = "grid_vote"
+    CREATED_AT = "created_at"
+    NAME = "name"
+
+
+class SortOrder(StrEnum):
+    ASC = "asc"
+    DESC = "desc"
+
+
+class LeaderboardRow(BaseModel):
+    rank: int
+    submission_id: str
+    display_name: str
+    owner: str
+    architecture: str | None
+    model_format: ModelFormatName
+    training_method: TrainingMethod
+    extra_data: bool
+    paper_url: str | None
+    is_baseline: bool
+    natural: float | None
+    random: float | None
+    worst_of_k: float | None
+    grid: float | None
+    vote_natural: float | None
+    grid_vote: float | None
+    images: int
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None
+
+
+class LeaderboardPage(BaseModel):
+    benchmark: str
+    sort: SortKey
+    order: SortOrder
+    page: int
+    per_page: int
+    total: int
+    rows: list[LeaderboardRow]
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / self.per_page))
