@@ -1,0 +1,222 @@
+"""Small typed factories and helpers for the worker tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from sqlalchemy.orm import Session
+from torch import Tensor, nn
+
+from db.models import ModelFormatName, Submission, User
+from spatialbench.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A coarse variant of the digits benchmark, so an end-to-end run takes seconds on a CPU: the
+# same code paths, 45 grid points instead of 775.
+QUICK_BENCHMARK = "digits-quick"
+QUICK_BENCHMARK_TOML = """
+[benchmarks.digits-quick]
+base = "digits"
+title = "Digits, coarse grid (tests)"
+grid = [5, 3, 3]
+worst_of_k = 3
+vote_samples = 3
+vote_subset = 10
+"""
+
+
+def small_cnn_file(path: Path, seed: int = 0) -> Path:
+    """safetensors weights of the registry's ``small_cnn``, randomly initialised."""
+    from evaluator.models.architectures import small_cnn
+
+    torch.manual_seed(seed)
+    save_file(small_cnn().state_dict(), str(path))
+    return path
+
+
+def trained_small_cnn_file(path: Path, epochs: int = 2) -> Path:
+    """``small_cnn`` trained briefly on digits (about 85% natural accuracy, a few CPU-seconds):
+    a model the grid attack fools quickly, as it fools standard models."""
+    from evaluator.benchmarks import get_benchmark
+    from evaluator.data import digits_split
+    from evaluator.models.architectures import small_cnn
+    from evaluator.train import train
+
+    images, labels = digits_split("train")
+    torch.manual_seed(0)
+    model = small_cnn()
+    box = get_benchmark("digits").box
+    train(model, images, labels, method="standard", box=box, epochs=epochs, batch_size=64, lr=0.05)
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+class _Broken(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.linear = nn.Linear(3, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = x.mean(dim=(2, 3))
+        logits = self.linear(pooled)
+        if self.mode == "nan":
+            return logits * float("nan")
+        if self.mode == "shape":
+            return logits[:, :7]
+        if self.mode == "memory":
+            # 24 GiB at run time; tracing only sees its shape.
+            big = torch.ones(6 * 2**30, device=x.device)
+            return logits + big[:1]
+        if self.mode == "slow":
+            # About 100 GFLOP per batch: tens of seconds on one CPU thread.
+            w = x.new_ones(2048, 2048) * 1e-3
+            for _ in range(6):
+                w = w @ w
+            return logits + w[:1, :10] * 0
+        return logits
+
+
+def export_file(path: Path, mode: str, size: int = 32) -> Path:
+    """A torch.export archive of a tiny module that misbehaves as ``mode`` says: "nan"
+    (NaN logits), "shape" (7 classes), "memory" (allocates 24 GiB), "slow", or "ok"."""
+    module = _Broken(mode).eval()
+    example = torch.rand(2, 3, size, size)
+    program = torch.export.export(
+        module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, str(path))
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def store_model(settings: Settings, source: Path) -> tuple[str, int]:
+    """Put a model file where the API stores uploads; returns (sha256, size)."""
+    digest = sha256(source)
+    target = settings.model_path(digest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return digest, target.stat().st_size
+
+
+def create_user(session: Session, name: str = "alice") -> User:
+    user = User(name=name)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def create_submission(
+    session: Session, settings: Settings, model: Path, **overrides: Any
+) -> Submission:
+    """A queued submission of ``model`` (stored like an upload) owned by a new user."""
+    digest, size = store_model(settings, model)
+    owner = overrides.pop("owner", None) or create_user(session, f"user-{digest[:8]}")
+    fields: dict[str, Any] = {
+        "owner_id": owner.id,
+        "display_name": model.stem,
+        "benchmark": QUICK_BENCHMARK,
+        "model_format": ModelFormatName.SAFETENSORS,
+        "architecture": "small_cnn",
+        "file_sha256": digest,
+        "file_size": size,
+    }
+    fields.update(overrides)
+    submission = Submission(**fields)
+    session.add(submission)
+    session.flush()
+    return submission
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as SPATIALBENCH_ environment variables, for a worker subprocess."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        env[f"SPATIALBENCH_{name.upper()}"] = str(value)
+    return env
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+class WorkerProcess:
+    """``spatialbench worker`` in a subprocess, with its log in a file."""
+
+    def __init__(self, settings: Settings, log_path: Path, name: str = "w1") -> None:
+        env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+        env.pop("SPATIALBENCH_TEST_REDIS_URL", None)
+        self.log_path = log_path
+        self.log = log_path.open("ab")
+        self.pool_pid = 0
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from spatialbench.cli import main; main()",
+                "worker",
+                "--loglevel=info",
+                f"--hostname={name}@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(
+            lambda: b"ready." in self.log_path.read_bytes() or self.proc.poll() is not None,
+            timeout,
+            what="the worker to start",
+        )
+        assert self.proc.poll() is None, self.log_path.read_text()
+
+    def pool_pids(self) -> list[int]:
+        """The worker's pool processes (its children)."""
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+        ).stdout
+        return [int(p) for p in out.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool (as a crash or the OOM killer would)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()

@@ -1,0 +1,171 @@
+"""The service behind the task: claiming, running, recording (no broker needed)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Evaluation, ModelFormatName, Submission, SubmissionStatus, utcnow
+from evaluator.attacks import Classifier
+from evaluator.benchmarks import get_benchmark, load_benchmark_file
+from evaluator.data import load_dataset, resolve_benchmark
+from evaluator.evaluate import EvalOptions, evaluate
+from evaluator.models.loading import load_model
+from spatialbench.settings import Settings
+from tests.worker.helpers import (
+    QUICK_BENCHMARK,
+    create_submission,
+    export_file,
+    small_cnn_file,
+)
+from worker.runner import Claim, Outcome, _record_failure, claim_submission, run_submission
+
+
+def _new(sessions: sessionmaker[Session], settings: Settings, model: Path, **kw: object) -> str:
+    with sessions.begin() as session:
+        return create_submission(session, settings, model, **kw).id
+
+
+def _row(sessions: sessionmaker[Session], submission_id: str) -> Submission:
+    with sessions() as session:
+        row = session.get(Submission, submission_id)
+        assert row is not None
+        return row
+
+
+def test_claim_takes_a_queued_job_once(
+    sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    sid = _new(sessions, settings, small_cnn_file(tmp_path / "m.safetensors"))
+    now = utcnow()
+    with sessions.begin() as session:
+        first = claim_submission(session, sid, "w1", now, settings)
+    with sessions.begin() as session:
+        second = claim_submission(session, sid, "w2", now, settings)
+    assert first == Claim(sid, 1, "w1")
+    assert second is None
+    row = _row(sessions, sid)
+    assert (row.status, row.attempts, row.worker) == (SubmissionStatus.RUNNING, 1, "w1")
+
+
+def test_claim_takes_over_a_stale_running_job_and_gives_up_after_max_attempts(
+    sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    sid = _new(sessions, settings, small_cnn_file(tmp_path / "m.safetensors"))
+    now = utcnow()
+    later = timedelta(seconds=settings.heartbeat_timeout_s + 1)
+    claims = []
+    for attempt in range(settings.max_attempts + 1):
+        with sessions.begin() as session:
+            claims.append(claim_submission(session, sid, "w", now + attempt * later, settings))
+    assert [c.attempt if c else None for c in claims] == [1, 2, 3, None]
+    row = _row(sessions, sid)
+    assert row.status is SubmissionStatus.FAILED
+    assert "stopped responding" in (row.message or "")
+
+
+def test_claim_leaves_final_jobs_and_cancels_a_queued_cancel_request(
+    sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    done = _new(
+        sessions,
+        settings,
+        small_cnn_file(tmp_path / "a.safetensors", seed=1),
+        status=SubmissionStatus.FINISHED,
+    )
+    asked = _new(
+        sessions,
+        settings,
+        small_cnn_file(tmp_path / "b.safetensors", seed=2),
+        cancel_requested=True,
+    )
+    with sessions.begin() as session:
+        assert claim_submission(session, done, "w", utcnow(), settings) is None
+        assert claim_submission(session, asked, "w", utcnow(), settings) is None
+    assert _row(sessions, done).status is SubmissionStatus.FINISHED
+    assert _row(sessions, done).attempts == 0
+    assert _row(sessions, asked).status is SubmissionStatus.CANCELLED
+
+
+def test_a_write_from_a_lost_claim_changes_nothing(
+    sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    sid = _new(sessions, settings, small_cnn_file(tmp_path / "m.safetensors"))
+    with sessions.begin() as session:
+        old = claim_submission(session, sid, "w1", utcnow(), settings)
+    later = utcnow() + timedelta(seconds=settings.heartbeat_timeout_s + 1)
+    with sessions.begin() as session:
+        new = claim_submission(session, sid, "w2", later, settings)
+    assert old is not None and new is not None
+    assert _record_failure(sessions, old, "too late") is Outcome.LOST
+    row = _row(sessions, sid)
+    assert (row.status, row.worker, row.message) == (SubmissionStatus.RUNNING, "w2", None)
+
+
+def _direct(settings: Settings, model: Path, limit: int) -> dict[str, float | None]:
+    torch.set_num_threads(1)
+    assert settings.benchmarks_file is not None
+    spec = get_benchmark(QUICK_BENCHMARK, load_benchmark_file(settings.benchmarks_file))
+    dataset = load_dataset(spec)
+    spec = resolve_benchmark(spec, dataset)
+    classifier = Classifier(
+        load_model(model, arch="small_cnn", num_classes=10), 10, batch_size=settings.batch_size
+    )
+    result = evaluate(classifier, dataset, spec, EvalOptions(limit=limit))
+    return {key: value.accuracy for key, value in result.metrics.items()}
+
+
+# The sandbox runs the same on both; the serve test records a result on SQLite.
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_run_submission_records_the_evaluators_result(
+    sessions: sessionmaker[Session], settings: Settings, trained_model: Path
+) -> None:
+    settings.eval_limit = 40
+    model = trained_model
+    sid = _new(sessions, settings, model)
+
+    assert run_submission(sessions, sid, settings, worker="w1") is Outcome.FINISHED
+    row = _row(sessions, sid)
+    assert (row.status, row.progress, row.phase) == (SubmissionStatus.FINISHED, 1.0, "done")
+    assert row.finished_at is not None and row.forward_passes > 0
+    with sessions() as session:
+        evaluation = session.scalars(select(Evaluation)).one()
+    expected = _direct(settings, model, limit=40)
+    got = {key: value["accuracy"] for key, value in evaluation.metrics.items()}
+    assert got == expected
+    assert (evaluation.natural, evaluation.grid) == (expected["natural"], expected["grid"])
+    assert evaluation.images == 40
+    assert evaluation.landscape is not None and evaluation.landscape["shape"] == [5, 3, 3]
+    assert evaluation.per_image is not None and len(evaluation.per_image["index"]) == 40
+    assert evaluation.examples
+    assert settings.storage_dir is not None
+    for example in evaluation.examples:
+        for key in ("original", "transformed"):
+            png = settings.storage_dir / example[key]
+            assert png.read_bytes().startswith(b"\x89PNG")
+        assert set(example["point"]) == {"theta", "dx", "dy"}
+    fooled = [e for e in evaluation.examples if e["fooled"]]
+    assert fooled
+    assert all(e["fool_pred"] != e["label"] == e["pred"] for e in fooled)
+
+    # A second run of a finished job changes nothing.
+    assert run_submission(sessions, sid, settings, worker="w2") is Outcome.SKIPPED
+    assert _row(sessions, sid).worker == "w1"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_run_submission_fails_with_the_models_problem(
+    sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    model = export_file(tmp_path / "nan.pt2", "nan")
+    sid = _new(sessions, settings, model, model_format=ModelFormatName.EXPORT, architecture=None)
+    assert run_submission(sessions, sid, settings) is Outcome.FAILED
+    row = _row(sessions, sid)
+    assert row.status is SubmissionStatus.FAILED
+    assert "NaN" in (row.message or "")
+    assert row.finished_at is not None
