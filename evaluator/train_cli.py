@@ -28,6 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from evaluator.cli import parse_floats, pick_device
 from evaluator.errors import EvaluatorError
 
 app = typer.Typer(no_args_is_help=True)
@@ -52,27 +53,6 @@ def _parse_method(text: str) -> str:
         raise typer.BadParameter(
             f"{text!r} is not a training method; choose {METHOD_CHOICES}", param_hint="--method"
         ) from None
-
-
-def _parse_floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise typer.BadParameter(
-            f"give numbers separated by commas, got {text!r}", param_hint=option
-        ) from None
-
-
-def _pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA was asked for but no GPU is visible", param_hint="--device")
-    return name
 
 
 def metadata_path(out: Path) -> Path:
@@ -149,7 +129,7 @@ def train_command(
         schedule = Schedule(schedule).value
     except ValueError:
         raise typer.BadParameter("choose cosine or step", param_hint="--schedule") from None
-    mean_v, std_v = _parse_floats(mean, "--mean"), _parse_floats(std, "--std")
+    mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
     if (mean_v is None) != (std_v is None):
         raise typer.BadParameter("give both --mean and --std, or neither")
     if out.suffix == ".json":
@@ -157,7 +137,7 @@ def train_command(
     for option, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--k", k)):
         if value < 1:
             raise typer.BadParameter("must be at least 1", param_hint=option)
-    run_device = _pick_device(device)
+    run_device = pick_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
 

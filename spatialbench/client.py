@@ -359,4 +359,5 @@ def leaderboard(
             str(row.get("training_method") or ""),
             *(_accuracy(m.get(key)) for key, _ in METRICS),
         )
-    out.print(table)
+    # Ten columns: wider than the 80 a pipe gets by default, so nothing is cut there.
+    (out if out.is_terminal else Console(width=160)).print(table)

@@ -18,6 +18,8 @@ BENCH = replace(
     grid=GridSpec(TransformBox(30, 3, 3), 7, 3, 3),
     vote_samples=5,
     worst_of_k=6,
+    vote_subset=None,
+    landscape_subset=None,
 )
 
 
