@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Evaluation, Submission, SubmissionStatus, utcnow
 from db.session import transaction
-from spatialbench.settings import Settings
+from spatialbench.settings import Environment, Settings
 from worker.sandbox import (
     SandboxFailure,
     SandboxJob,
@@ -280,6 +280,7 @@ def sandbox_limits(settings: Settings) -> SandboxLimits:
         memory_bytes=settings.sandbox_memory_bytes,
         threads=settings.sandbox_threads,
         user=settings.sandbox_user or None,
+        require_user=settings.env is Environment.PRODUCTION,
         isolate_network=settings.sandbox_isolate_network,
         tmp_dir=settings.sandbox_tmp_dir,
     )

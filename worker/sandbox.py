@@ -81,6 +81,10 @@ class SandboxLimits:
     threads: int | None = None
     # Run as this user when the worker is root; None or "" keeps the worker's user.
     user: str | None = "nobody"
+    # In production a user that cannot run the interpreter is a configuration error; elsewhere
+    # (the embedded mode, run as root from a home directory closed to others) the child then
+    # keeps the worker's user, with everything else of the sandbox, and a warning is logged.
+    require_user: bool = False
     isolate_network: bool = True
     open_files: int = 4096
     file_bytes: int = 2**30
@@ -144,17 +148,48 @@ def child_environment(tmp: Path, threads: int | None) -> dict[str, str]:
     return env
 
 
-def _sandbox_user(name: str | None) -> pwd.struct_passwd | None:
+def _can_run_interpreter(user: pwd.struct_passwd) -> bool:
+    """Whether ``user`` may traverse to and execute this interpreter and the project."""
+    paths = [Path(sys.executable).resolve(), Path(sys.executable).absolute(), PROJECT_ROOT]
+    for path in paths:
+        for folder in [*path.parents, path]:
+            try:
+                info = folder.stat()
+            except OSError:
+                return False
+            if info.st_uid == user.pw_uid:
+                continue
+            bit = stat.S_IXGRP if info.st_gid == user.pw_gid else stat.S_IXOTH
+            if not info.st_mode & bit:
+                return False
+    return True
+
+
+def _sandbox_user(name: str | None, required: bool = False) -> pwd.struct_passwd | None:
     if not name or os.geteuid() != 0:
         return None
     try:
-        return pwd.getpwnam(name)
+        user = pwd.getpwnam(name)
     except KeyError:
         raise SandboxFailure(
             "internal",
             "The worker is misconfigured: its sandbox user does not exist.",
             detail=f"no user {name!r}; set SPATIALBENCH_SANDBOX_USER",
         ) from None
+    if _can_run_interpreter(user):
+        return user
+    if required:
+        raise SandboxFailure(
+            "internal",
+            "The worker is misconfigured: its sandbox user cannot run the evaluator.",
+            detail=f"user {name!r} cannot reach {sys.executable} or {PROJECT_ROOT}",
+        )
+    log.warning(
+        "sandbox user %r cannot run %s; the evaluation runs as the worker's user",
+        name,
+        sys.executable,
+    )
+    return None
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -259,7 +294,7 @@ def run_sandboxed(
     returns True the child is killed and `SandboxStopped` raised. Raises `SandboxFailure` with a
     user-facing message when the evaluation fails, for whatever reason.
     """
-    user = _sandbox_user(limits.user)
+    user = _sandbox_user(limits.user, limits.require_user)
     tmp = Path(tempfile.mkdtemp(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-", dir=limits.tmp_dir))
     read_fd, write_fd = os.pipe()
     proc: subprocess.Popen[bytes] | None = None
