@@ -43,6 +43,17 @@ METRIC_LABELS = {
 }
 
 
+# Options that evaluate and train share, declared once.
+DataDirOption = Annotated[
+    Path | None, typer.Option(help="datasets directory [env SPATIALBENCH_DATA_DIR, else ./data]")
+]
+MeanOption = Annotated[
+    str | None, typer.Option(help="per-channel mean, applied after the transform")
+]
+StdOption = Annotated[str | None, typer.Option(help="per-channel std, applied after the transform")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+
+
 def pick_device(name: str) -> str:
     import torch
 
@@ -164,10 +175,7 @@ def evaluate(
     weights: Annotated[Path | None, typer.Option(help="safetensors weights for --arch")] = None,
     arch: Annotated[str | None, typer.Option(help="registry architecture of --weights")] = None,
     model: Annotated[Path | None, typer.Option(help="a torch.export archive (.pt2)")] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="datasets directory [env SPATIALBENCH_DATA_DIR, else ./data]"),
-    ] = None,
+    data_dir: DataDirOption = None,
     benchmarks_file: Annotated[
         Path | None, typer.Option(help="TOML file with [benchmarks.NAME] tables")
     ] = None,
@@ -180,16 +188,12 @@ def evaluate(
     max_rotation: Annotated[float | None, typer.Option(help="rotation limit, degrees")] = None,
     max_translation: Annotated[float | None, typer.Option(help="translation limit, pixels")] = None,
     grid: Annotated[str | None, typer.Option(help="grid counts THETAxDXxDY, e.g. 31x5x5")] = None,
-    mean: Annotated[
-        str | None, typer.Option(help="per-channel mean, applied after the transform")
-    ] = None,
-    std: Annotated[
-        str | None, typer.Option(help="per-channel std, applied after the transform")
-    ] = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
     limit: Annotated[
         int | None, typer.Option(help="evaluate the first N images of the fixed order")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="forward-pass batch size")] = 512,
     seed: Annotated[int | None, typer.Option(help="seed of the random draws [benchmark's]")] = None,
     metrics: Annotated[

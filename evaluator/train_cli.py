@@ -28,7 +28,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from evaluator.cli import parse_floats, pick_device
+from evaluator.cli import (
+    DataDirOption,
+    DeviceOption,
+    MeanOption,
+    StdOption,
+    parse_floats,
+    pick_device,
+)
 from evaluator.errors import EvaluatorError
 
 app = typer.Typer(no_args_is_help=True)
@@ -97,17 +104,10 @@ def train_command(
         "cosine"
     ),
     seed: Annotated[int, typer.Option(help="seeds the initial weights, order and draws")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    mean: Annotated[
-        str | None, typer.Option(help="per-channel mean, applied after the transform")
-    ] = None,
-    std: Annotated[
-        str | None, typer.Option(help="per-channel std, applied after the transform")
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="datasets directory [env SPATIALBENCH_DATA_DIR, else ./data]"),
-    ] = None,
+    device: DeviceOption = "auto",
+    mean: MeanOption = None,
+    std: StdOption = None,
+    data_dir: DataDirOption = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch [torch's]")] = None,
     name: Annotated[str | None, typer.Option(help="display name for the submission")] = None,
 ) -> None:
