@@ -9,7 +9,6 @@ again is harmless: the same file for the same benchmark returns the existing sub
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from spatialbench.client import Connection, check, submit_model
-from spatialbench.serve import EmbeddedService, _err, apply_state_dir, local_token, usage
+from spatialbench.serve import _err, apply_state_dir, local_token, start_embedded, usage
 from spatialbench.settings import Settings
 
 app = typer.Typer(no_args_is_help=True)
@@ -96,10 +95,6 @@ def follow(conn: Connection, ids: list[str], poll_s: float = 2.0) -> list[dict[s
             time.sleep(poll_s)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 @app.command("demo")
 def demo(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -116,18 +111,11 @@ def demo(
 
     started = time.monotonic()
     settings = apply_state_dir(state_dir)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     files = baseline_files()
     if not files:
         _err(f"error: no baselines in {BASELINES_DIR}; run scripts/train_baselines.sh")
         raise typer.Exit(1)
-    service = EmbeddedService(settings, host=host, port=port, worker=True, log_level="warning")
-    try:
-        service.start()
-    except RuntimeError as exc:
-        _err(f"error: {exc}")
-        raise typer.Exit(1) from None
+    service = start_embedded(settings, host=host, port=port, worker=True, log_level="warning")
     try:
         _err(f"SpatialBench demo at {service.url}; submitting {len(files)} digits baselines")
         conn = Connection(service.url, baselines_token(settings))

@@ -245,6 +245,24 @@ def apply_state_dir(state_dir: Path | None) -> Settings:
     return get_settings()
 
 
+def start_embedded(
+    settings: Settings, *, host: str, port: int, worker: bool, log_level: str = "info"
+) -> EmbeddedService:
+    """Start an `EmbeddedService` for a command that runs until Ctrl-C or SIGTERM; a failure
+    to start ends the command with its message."""
+    # `docker stop` and service managers send SIGTERM: stop as cleanly as on Ctrl-C (whose
+    # handler is set explicitly, as a shell starting us in the background ignores SIGINT).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    service = EmbeddedService(settings, host=host, port=port, worker=worker, log_level=log_level)
+    try:
+        service.start()
+    except RuntimeError as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(1) from None
+    return service
+
+
 @app.command("serve")
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -262,16 +280,7 @@ def serve(
 ) -> None:
     """Run the API and a worker: SQLite and a serverless broker by default, one command."""
     settings = apply_state_dir(state_dir)
-    # `docker stop` and service managers send SIGTERM: stop as cleanly as on Ctrl-C (whose
-    # handler is set explicitly, as a shell starting us in the background ignores SIGINT).
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    service = EmbeddedService(settings, host=host, port=port, worker=worker)
-    try:
-        service.start()
-    except RuntimeError as exc:
-        _err(f"error: {exc}")
-        raise typer.Exit(1) from None
+    service = start_embedded(settings, host=host, port=port, worker=worker)
     try:
         if local_user:
             typer.echo(usage(service.url, local_token(settings)))

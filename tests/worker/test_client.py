@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +18,16 @@ from typer.testing import CliRunner
 
 from spatialbench.client import app
 from spatialbench.settings import Settings
-from tests.worker.helpers import QUICK_BENCHMARK, settings_env, wait_for
+from tests.worker.helpers import QUICK_BENCHMARK, free_port, settings_env, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 on_sqlite = pytest.mark.parametrize("backend", ["sqlite"])
 runner = CliRunner()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **settings_env(settings.model_copy(update={"eval_limit": 30}))}
     for name in ("DATABASE_URL", "BROKER_URL", "STORAGE_DIR", "STATE_DIR"):
         env.pop(f"SPATIALBENCH_{name}", None)
@@ -109,5 +102,5 @@ def test_server_errors_are_shown_as_their_message(served, tmp_path: Path) -> Non
 
 
 def test_unreachable_server_is_one_line(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    result = runner.invoke(app, ["status", "x", "--url", f"http://127.0.0.1:{_free_port()}"])
+    result = runner.invoke(app, ["status", "x", "--url", f"http://127.0.0.1:{free_port()}"])
     assert result.exit_code == 1 and "cannot reach the server" in result.output

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,9 @@ import httpx
 import pytest
 
 from spatialbench.settings import Settings
-from tests.worker.helpers import QUICK_BENCHMARK, ROOT, settings_env, wait_for
+from tests.worker.helpers import QUICK_BENCHMARK, ROOT, free_port, settings_env, wait_for
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.parametrize("backend", ["sqlite"])]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _descendants(pid: int) -> list[int]:
@@ -33,7 +26,7 @@ def _descendants(pid: int) -> list[int]:
 def test_serve_runs_the_api_and_a_worker_until_interrupted(
     settings: Settings, trained_model: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     state = tmp_path / "var"
     env = {
         **os.environ,
