@@ -129,9 +129,15 @@ class ApiToken(Base):
 class Submission(Base):
     __tablename__ = "submissions"
     __table_args__ = (
-        UniqueConstraint("file_sha256", "benchmark", name="uq_submission_file_benchmark"),
+        # Each user's submission stands on its own: another user's private copy of the same
+        # file is neither revealed nor shared (the stored file is still shared by hash).
+        UniqueConstraint(
+            "owner_id", "file_sha256", "benchmark", name="uq_submission_owner_file_benchmark"
+        ),
         Index("ix_submissions_owner_created", "owner_id", "created_at"),
         Index("ix_submissions_status_heartbeat", "status", "heartbeat_at"),
+        # Workers take the oldest queued job; the reaper re-publishes the oldest first.
+        Index("ix_submissions_status_queued", "status", "queued_at"),
         Index("ix_submissions_benchmark_public_status", "benchmark", "is_public", "status"),
     )
 
@@ -167,8 +173,16 @@ class Submission(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    # A new random token per claim (see db.lifecycle): every write of a run is fenced by it, so
+    # a worker that lost its claim, however it lost it, can change nothing.
+    claim_token: Mapped[str | None] = mapped_column(String(32), default=None)
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Its place in the queue: set when it is submitted or resubmitted, kept when its worker
+    # died and it runs again.
+    queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When its id was last handed to the broker; the reaper publishes again after a while.
+    published_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -177,6 +191,21 @@ class Submission(Base):
     evaluation: Mapped[Evaluation | None] = relationship(
         back_populates="submission", lazy="raise", uselist=False
     )
+
+
+class Resubmission(Base):
+    """A failed or cancelled submission queued again by its owner: it counts towards the daily
+    cap like a new one (the cap counts new submissions plus these)."""
+
+    __tablename__ = "resubmissions"
+    __table_args__ = (Index("ix_resubmissions_owner_created", "owner_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), index=True
+    )
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Evaluation(Base):
@@ -201,6 +230,7 @@ class Evaluation(Base):
     grid: Mapped[float | None] = mapped_column(Float, default=None)
     vote_natural: Mapped[float | None] = mapped_column(Float, default=None)
     grid_vote: Mapped[float | None] = mapped_column(Float, default=None)
+    first_order: Mapped[float | None] = mapped_column(Float, default=None)
     images: Mapped[int] = mapped_column(Integer, default=0)
     # {"natural": {"accuracy", "correct", "total"}, ...}
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -216,6 +246,10 @@ class Evaluation(Base):
     versions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     cost: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Exactly what the run was computed with (model file, format, architecture, mean/std,
+    # benchmark, image limit, claim token; see db.lifecycle.JobConfig): the result and the
+    # submission's settings can be compared, never silently disagree.
+    job: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     submission: Mapped[Submission] = relationship(back_populates="evaluation", lazy="raise")
