@@ -12,7 +12,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "change-me"
@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = None
     storage_dir: Path | None = None
+    # Object storage for models, example images and shard results: file:///absolute/path (a
+    # folder; by default storage_dir) or s3://bucket/prefix (S3-compatible, so workers on other
+    # machines need no shared disk), with the s3_* settings for the server and its credentials.
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
     data_dir: Path = Path("data")
     benchmarks_file: Path | None = None
 
@@ -84,6 +92,8 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{state / 'broker.db'}"
         if self.storage_dir is None:
             self.storage_dir = state / "models"
+        if self.storage_url is None:
+            self.storage_url = self.storage_dir.resolve().as_uri()
         if self.env is Environment.PRODUCTION and self.secret_key == PLACEHOLDER_SECRET:
             raise ValueError(
                 "SPATIALBENCH_SECRET_KEY is the placeholder; set a real secret in production"
