@@ -1,0 +1,67 @@
+"""Object keys: one checked form for both backends, and where each kind of object lives.
+
+A key is a relative, ``/``-separated path such as ``ab/ab12...ef`` or ``examples/ID/00.png``.
+Every segment is made of letters, digits, ``_``, ``-``, ``=`` and ``.`` and does not start with
+a dot, so a key can never name a parent (``..``), the current folder, a hidden file or the
+local backend's staging folder, and it reads the same as a file path and as an S3 key.
+"""
+
+from __future__ import annotations
+
+import re
+
+from storage.errors import InvalidKeyError
+
+__all__ = ["validate_key", "validate_prefix", "model_key", "example_key", "shard_result_key"]
+
+MAX_KEY_LENGTH = 1024  # S3's limit on a key, in bytes (keys here are ASCII)
+_SEGMENT = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9_.=-]*")
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a valid object key; raise InvalidKeyError saying why if not."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError("an object key must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKeyError(f"an object key is at most {MAX_KEY_LENGTH} characters")
+    if key.startswith("/"):
+        raise InvalidKeyError(f"object key {key!r} is absolute; keys are relative to the store")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidKeyError(
+                f"object key {key!r} has an empty, '.' or '..' segment; use plain names "
+                "separated by single slashes"
+            )
+        if not _SEGMENT.fullmatch(segment):
+            raise InvalidKeyError(
+                f"object key {key!r}: segment {segment!r} may use only letters, digits, "
+                "'_', '-', '=' and '.', and may not start with '.'"
+            )
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A listing prefix: empty (everything) or a key, with or without a trailing slash.
+    Returned without the trailing slash."""
+    stripped = prefix[:-1] if prefix.endswith("/") else prefix
+    return validate_key(stripped) if stripped else ""
+
+
+def model_key(sha256: str) -> str:
+    """An uploaded model, stored by its hash (the local layout the service has always used:
+    ``<storage_dir>/<sha256[:2]>/<sha256>``)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise InvalidKeyError(f"{sha256!r} is not a lowercase hex sha256")
+    return f"{sha256[:2]}/{sha256}"
+
+
+def example_key(submission_id: str, name: str) -> str:
+    """An example image of an evaluation (``examples/<id>/<name>.png``, as the pages read it)."""
+    return validate_key(f"examples/{submission_id}/{name}.png")
+
+
+def shard_result_key(submission_id: str, shard: int) -> str:
+    """The result of one shard of an evaluation; zero-padded so listings sort by shard."""
+    if shard < 0:
+        raise InvalidKeyError(f"shard index {shard} is negative")
+    return validate_key(f"shards/{submission_id}/{shard:06d}.json")
