@@ -19,6 +19,7 @@ from api.pages import install_pages
 from api.routes import catalog, leaderboard, ops, submissions
 from db.session import Database
 from spatialbench.settings import Settings, get_settings
+from worker.queue import Producer
 
 __all__ = ["API_PREFIX", "create_app"]
 
@@ -32,6 +33,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
 
     settings = settings or get_settings()
     database = database or Database(settings)
+    # The API publishes to the broker of its own settings; it connects on the first publish.
+    producer = Producer(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +47,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         try:
             yield
         finally:
+            producer.close()
             database.dispose()
 
     app = FastAPI(
@@ -62,6 +66,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     )
     app.state.settings = settings
     app.state.database = database
+    app.state.enqueuer = producer
     app.state.metrics = ApiMetrics(database)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)

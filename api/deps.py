@@ -8,7 +8,8 @@
   unknown or revoked; ``OptionalUser`` is None without a token).
 - ``SubmissionDep``: the submission of the path's ``submission_id``; 404 when it does not
   exist or is private and not the caller's.
-- ``EnqueuerDep``: hands a submission id to the workers (tests override ``get_enqueuer``).
+- ``EnqueuerDep``: hands a submission id to the workers through the app's producer, built
+  from the app's settings (tests override ``get_enqueuer``).
 """
 
 from __future__ import annotations
@@ -105,15 +106,9 @@ SubmissionDep = Annotated[Submission, Depends(load_submission)]
 Enqueuer = Callable[[str], None]
 
 
-def _enqueue_with_worker(submission_id: str) -> None:
-    # Imported on first use: the API starts (and its tests run) without the worker's broker.
-    from worker.queue import enqueue_evaluation
-
-    enqueue_evaluation(submission_id)
-
-
-def get_enqueuer() -> Enqueuer:
-    return _enqueue_with_worker
+def get_enqueuer(request: Request) -> Enqueuer:
+    """The app's producer (``worker.queue.Producer``, made from the app's own settings)."""
+    return request.app.state.enqueuer
 
 
 EnqueuerDep = Annotated[Enqueuer, Depends(get_enqueuer)]
@@ -124,7 +119,7 @@ def enqueue_after_commit(enqueue: Enqueuer, submission_id: str) -> None:
     try:
         enqueue(submission_id)
     except Exception:
-        # The row stays queued; the worker's reaper re-enqueues queued jobs nobody took.
+        # The row stays queued; the reaper publishes it again after republish_after_s.
         log.exception("could not enqueue submission %s", submission_id)
 
 

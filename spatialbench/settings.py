@@ -61,7 +61,16 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = 6 * 3600
     task_hard_time_limit_s: int = 6 * 3600 + 600
     heartbeat_interval_s: float = 5.0
-    heartbeat_timeout_s: float = 120.0
+    # A running job whose worker wrote no heartbeat for this long is queued again (in its old
+    # place). Heartbeats come from the worker's own loop every progress_interval_s, whatever
+    # the model does, so this can be short.
+    heartbeat_timeout_s: float = 30.0
+    # A queued job whose id was handed to the broker this long ago is handed again (its
+    # message may be lost); duplicates are harmless.
+    republish_after_s: float = 60.0
+    # How long a worker waits for an unreachable database (before taking a message, and to
+    # record a finished result) before giving the message back / leaving the result stored.
+    database_wait_s: float = 3600.0
     max_attempts: int = 3
     progress_interval_s: float = 2.0
     device: str = "auto"
@@ -71,7 +80,7 @@ class Settings(BaseSettings):
     sandbox_user: str = "nobody"
     eval_limit: int | None = Field(default=None, description="evaluate only N images (testing)")
     # How often the worker's reaper looks for jobs whose heartbeat stopped.
-    reaper_interval_s: float = 30.0
+    reaper_interval_s: float = 5.0
     # The sandboxed evaluation's wall-clock limit; None: a minute under the soft time limit.
     sandbox_deadline_s: float | None = None
     # CPU threads of the sandboxed evaluation (OMP_NUM_THREADS); None: all cores.

@@ -13,28 +13,12 @@ settings; `create_celery` makes one from any settings (tests, the embedded serve
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import Celery
 
 from spatialbench.settings import Settings, get_settings
+from worker.queue import EVALUATE_TASK, QUEUE, transport_options
 
 __all__ = ["EVALUATE_TASK", "QUEUE", "app", "create_celery"]
-
-QUEUE = "gpu"
-EVALUATE_TASK = "spatialbench.evaluate_submission"
-# How long past the hard time limit a message stays invisible before Redis hands it out again.
-VISIBILITY_MARGIN_S = 600
-
-
-def transport_options(settings: Settings) -> dict[str, Any]:
-    broker = str(settings.broker_url)
-    if broker.startswith(("sqla+", "sqlalchemy+")):
-        # kombu hands these to create_engine: wait for SQLite's lock rather than fail. This
-        # transport has no visibility timeout: a message a killed worker had taken is gone,
-        # and the reaper enqueues the job again.
-        return {"connect_args": {"timeout": 30}}
-    return {"visibility_timeout": settings.task_hard_time_limit_s + VISIBILITY_MARGIN_S}
 
 
 def create_celery(settings: Settings) -> Celery:

@@ -30,8 +30,8 @@ def run_worker(
     ),
 ) -> None:
     """Start a worker that evaluates queued submissions (queue 'gpu')."""
-    from worker.app import QUEUE
     from worker.app import app as celery
+    from worker.queue import QUEUE
 
     argv = [
         "worker",
@@ -52,23 +52,21 @@ def run_worker(
 
 @app.command("reap")
 def run_reaper() -> None:
-    """Re-queue (or fail, after too many attempts) jobs whose worker stopped responding."""
+    """Re-queue (or fail, after too many attempts) jobs whose worker stopped responding, and
+    publish again queued jobs whose message may be lost."""
     from db.session import Database
     from spatialbench.settings import get_settings
-    from worker.queue import enqueue_evaluation, queue_is_empty
+    from worker.queue import Producer
     from worker.reaper import reap_once
 
     settings = get_settings()
     database = Database(settings)
+    producer = Producer(settings)
     try:
-        try:
-            empty = queue_is_empty()
-        except Exception as exc:  # the broker is away: still settle what the database knows
-            typer.echo(f"broker unreachable ({exc}); not re-sending queued jobs", err=True)
-            empty = False
-        ids = reap_once(database.sessions, settings, enqueue_evaluation, queue_empty=empty)
+        ids = reap_once(database.sessions, settings, producer)
     finally:
+        producer.close()
         database.dispose()
     for submission_id in ids:
-        typer.echo(f"requeued {submission_id}")
-    typer.echo(f"{len(ids)} job(s) requeued")
+        typer.echo(f"published {submission_id}")
+    typer.echo(f"{len(ids)} job(s) published")

@@ -1,14 +1,16 @@
-"""Evaluating one submission: claim it, run the sandbox, record progress and the outcome.
+"""Evaluating a submission: claim it, run the sandbox, store the result, record the outcome.
 
-The database is the source of truth, so every write here is a conditional UPDATE fenced by the
-attempt number this worker claimed: once a job has been reaped or claimed by someone else, a
-late write from the old owner changes nothing, and the old owner stops its sandbox.
+Every change of the submission's state goes through `db.lifecycle`, fenced by the claim's
+token: once a job has been reaped, resubmitted or claimed by someone else, a late write from
+the old owner changes nothing, and the old owner stops its sandbox.
 
-- `claim_submission` takes a queued job, or a running one whose heartbeat is stale, in one
-  atomic ``UPDATE ... WHERE``, incrementing ``attempts``.
-- `run_submission` runs the evaluation in the sandbox, writes progress and the heartbeat at
-  most every ``progress_interval_s``, stops the sandbox within seconds of a cancel request,
-  and writes the `Evaluation` row and ``status=finished`` in one transaction.
+- `run_next` (the task) takes the oldest free job, whichever message brought it here;
+  `run_submission` takes one job by id.
+- The evaluation runs in the sandbox; progress and the heartbeat are written at most every
+  ``progress_interval_s``; a cancel request stops the sandbox within seconds.
+- A finished result is written to the job's storage first (`worker.results`), then recorded
+  with its configuration, retried with backoff while the database is away. A later claim with
+  the same configuration records a stored result instead of evaluating again.
 """
 
 from __future__ import annotations
@@ -20,18 +22,27 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
-from db.models import Evaluation, Submission, SubmissionStatus, utcnow
+from db import lifecycle
+from db.lifecycle import Claim, FinishOutcome, JobConfig, RunState
+from db.models import Evaluation, Submission, utcnow
 from db.session import transaction
 from spatialbench.settings import Environment, Settings
+from worker.results import StoredResult, find_stored, forget_stored, store_result
 from worker.sandbox import (
     SandboxFailure,
     SandboxJob,
@@ -44,18 +55,20 @@ from worker.sandbox import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Claim",
+    "DatabaseUnavailable",
     "Outcome",
-    "claim_submission",
     "evaluation_from_result",
+    "run_next",
     "run_submission",
     "sandbox_deadline",
+    "wait_for_database",
     "worker_name",
 ]
 
-# Tries, and the wait between them, for the final write when the database is briefly away.
-FINAL_WRITE_TRIES = 5
-FINAL_WRITE_BACKOFF_S = 2.0
+# What an unreachable (stopped, restarting, unreachable) database raises.
+DATABASE_DOWN = (OperationalError, InterfaceError)
+# Backoff while the database is away: 0.5 s doubling up to this.
+MAX_BACKOFF_S = 15.0
 
 
 class Outcome(StrEnum):
@@ -64,19 +77,46 @@ class Outcome(StrEnum):
     CANCELLED = "cancelled"
     # Not ours to run: already final, running elsewhere, or missing.
     SKIPPED = "skipped"
-    # Taken away mid-run (reaped, or claimed by another worker); nothing was recorded.
+    # Taken away mid-run (reaped, resubmitted, or claimed by another worker); nothing was
+    # recorded.
     LOST = "lost"
 
 
-@dataclass(frozen=True)
-class Claim:
-    submission_id: str
-    attempt: int
-    worker: str
+class DatabaseUnavailable(Exception):
+    """The database stayed unreachable for ``database_wait_s``."""
 
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _retrying(settings: Settings) -> Retrying:
+    """Retries a database write with backoff until the database is back (within
+    ``database_wait_s``)."""
+    return Retrying(
+        retry=retry_if_exception_type(DATABASE_DOWN),
+        wait=wait_exponential(multiplier=0.5, max=MAX_BACKOFF_S),
+        stop=stop_after_delay(settings.database_wait_s),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+
+
+def _ping(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        session.execute(text("SELECT 1"))
+
+
+def wait_for_database(sessions: sessionmaker[Session], settings: Settings) -> None:
+    """Return once the database answers; `DatabaseUnavailable` after ``database_wait_s``.
+
+    The task calls it before taking anything, so a message is not consumed (claimed, failed
+    or dropped) while the database is away: the worker holds it, unacknowledged, and waits.
+    """
+    try:
+        _retrying(settings)(_ping, sessions)
+    except DATABASE_DOWN as exc:
+        raise DatabaseUnavailable(str(exc)) from exc
 
 
 def examples_dir(settings: Settings, submission_id: str) -> Path:
@@ -91,100 +131,6 @@ def sandbox_deadline(settings: Settings) -> float:
         return settings.sandbox_deadline_s
     soft = settings.task_soft_time_limit_s
     return max(soft - 60.0, soft * 0.9)
-
-
-def _fence(claim: Claim) -> Any:
-    return and_(
-        Submission.id == claim.submission_id,
-        Submission.attempts == claim.attempt,
-        Submission.status == SubmissionStatus.RUNNING,
-    )
-
-
-def _update(session: Session, where: Any, **values: Any) -> int:
-    result = session.execute(
-        update(Submission)
-        .where(where)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-# --- Claiming ---------------------------------------------------------------------------------
-
-
-def claim_submission(
-    session: Session, submission_id: str, worker: str, now: datetime, settings: Settings
-) -> Claim | None:
-    """Take the job if it is free: queued, or running with a heartbeat older than
-    ``heartbeat_timeout_s`` (its worker died), and fewer than ``max_attempts`` tries so far.
-
-    Returns None when it is not free. Also settles two cases on the way: a free job that has
-    used up its attempts fails, and a queued job whose cancel was requested is cancelled.
-    Flushes, never commits.
-    """
-    stale = now - timedelta(seconds=settings.heartbeat_timeout_s)
-    free = and_(
-        Submission.id == submission_id,
-        Submission.cancel_requested.is_(False),
-        or_(
-            Submission.status == SubmissionStatus.QUEUED,
-            and_(
-                Submission.status == SubmissionStatus.RUNNING,
-                or_(Submission.heartbeat_at.is_(None), Submission.heartbeat_at < stale),
-            ),
-        ),
-    )
-    claimed = _update(
-        session,
-        and_(free, Submission.attempts < settings.max_attempts),
-        status=SubmissionStatus.RUNNING,
-        attempts=Submission.attempts + 1,
-        worker=worker,
-        heartbeat_at=now,
-        started_at=now,
-        finished_at=None,
-        phase="starting",
-        progress=0.0,
-        forward_passes=0,
-        eta_seconds=None,
-        message=None,
-    )
-    if claimed:
-        attempt = session.scalar(select(Submission.attempts).where(Submission.id == submission_id))
-        assert attempt is not None
-        return Claim(submission_id, attempt, worker)
-    _update(
-        session,
-        and_(free, Submission.attempts >= settings.max_attempts),
-        status=SubmissionStatus.FAILED,
-        finished_at=now,
-        eta_seconds=None,
-        message=give_up_message(settings),
-    )
-    _update(
-        session,
-        and_(
-            Submission.id == submission_id,
-            Submission.cancel_requested.is_(True),
-            Submission.status == SubmissionStatus.QUEUED,
-        ),
-        status=SubmissionStatus.CANCELLED,
-        finished_at=now,
-        eta_seconds=None,
-        message="Cancelled before it started.",
-    )
-    return None
-
-
-def give_up_message(settings: Settings) -> str:
-    return (
-        f"The evaluation was started {settings.max_attempts} times and each time its worker "
-        "stopped responding (crashed, killed or lost its connection), so it was given up. "
-        "This is usually the machine running out of memory: a smaller model or one that uses "
-        "less memory per image may fit; otherwise contact the operator."
-    )
 
 
 # --- Running ----------------------------------------------------------------------------------
@@ -211,27 +157,18 @@ class _Progress:
         if now - self.last_write < self.settings.progress_interval_s:
             return False
         self.last_write = now
-        values: dict[str, Any] = {"heartbeat_at": utcnow()}
-        if self.latest is not None:
-            values.update(_progress_values(self.latest))
+        progress = _progress_values(self.latest) if self.latest is not None else None
         try:
             with transaction(self.sessions) as session:
-                if not _update(session, _fence(self.claim), **values):
-                    self.lost = True
-                    return True
-                self.cancelled = bool(
-                    session.scalar(
-                        select(Submission.cancel_requested).where(
-                            Submission.id == self.claim.submission_id
-                        )
-                    )
-                )
+                state = lifecycle.heartbeat(session, self.claim, utcnow(), progress)
         except Exception:
             # The database is away: keep evaluating. If it stays away past the heartbeat
             # timeout, the reaper hands the job on and the next write here finds it lost.
             log.warning("progress write for %s failed", self.claim.submission_id, exc_info=True)
             return False
-        return self.cancelled
+        self.lost = state is RunState.LOST
+        self.cancelled = state is RunState.CANCEL
+        return state is not RunState.CONTINUE
 
 
 def _finite(value: Any, default: float | None = None) -> float | None:
@@ -286,6 +223,23 @@ def sandbox_limits(settings: Settings) -> SandboxLimits:
     )
 
 
+def run_next(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    *,
+    worker: str | None = None,
+    time_limit_errors: tuple[type[BaseException], ...] = (),
+) -> Outcome:
+    """Evaluate the oldest free job, if there is one (see `db.lifecycle.claim_next`)."""
+    worker = worker or worker_name()
+    return _run(
+        sessions,
+        settings,
+        lambda session: lifecycle.claim_next(session, worker, utcnow(), settings),
+        time_limit_errors,
+    )
+
+
 def run_submission(
     sessions: sessionmaker[Session],
     submission_id: str,
@@ -293,27 +247,50 @@ def run_submission(
     *,
     worker: str | None = None,
     time_limit_errors: tuple[type[BaseException], ...] = (),
-    on_claim: Callable[[Claim], None] | None = None,
 ) -> Outcome:
-    """Evaluate the submission if it is free to run; see the module doc.
+    """Evaluate the submission ``submission_id`` if it is free to run."""
+    worker = worker or worker_name()
+    return _run(
+        sessions,
+        settings,
+        lambda session: lifecycle.claim(session, submission_id, worker, utcnow(), settings),
+        time_limit_errors,
+    )
+
+
+def _run(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    take: Callable[[Session], Claim | None],
+    time_limit_errors: tuple[type[BaseException], ...],
+) -> Outcome:
+    """Claim with ``take``, then evaluate (or record a stored result).
 
     ``time_limit_errors`` are exceptions that mean "the task's time is up" (Celery's soft
     limit); they fail the job with a message rather than propagate.
     """
-    worker = worker or worker_name()
     with transaction(sessions) as session:
-        claim = claim_submission(session, submission_id, worker, utcnow(), settings)
-        submission = session.get(Submission, submission_id) if claim else None
-        job = _job(submission, settings) if submission is not None else None
-    if claim is None or job is None:
-        return Outcome.SKIPPED
-    if on_claim is not None:
-        on_claim(claim)
-    log.info("evaluating %s (attempt %d) on %s", submission_id, claim.attempt, worker)
+        claim = take(session)
+        submission = session.get(Submission, claim.submission_id) if claim else None
+        if claim is None or submission is None:
+            return Outcome.SKIPPED
+        job = _job(submission, settings)
+        config = JobConfig.of(submission, settings.eval_limit)
+    stored = find_stored(settings, claim.submission_id, config)
+    if stored is not None:
+        log.info(
+            "recording the stored result of %s (computed under claim %s) instead of "
+            "evaluating again",
+            claim.submission_id,
+            stored.claim_token,
+        )
+        return _record_stored(sessions, claim, settings, stored)
+    log.info("evaluating %s (attempt %d) on %s", claim.submission_id, claim.attempt, claim.worker)
     if not job.model_path.is_file():
         return _record_failure(
             sessions,
             claim,
+            settings,
             "The uploaded model file is missing from the worker's storage; upload it again.",
         )
     progress = _Progress(sessions, claim, settings)
@@ -327,56 +304,45 @@ def run_submission(
         )
     except SandboxStopped:
         if progress.lost:
-            log.warning("lost %s to another worker or the reaper", submission_id)
+            log.warning("lost %s to a resubmit, another worker or the reaper", claim.submission_id)
             return Outcome.LOST
-        return _record_cancelled(sessions, claim)
+        return _record_cancelled(sessions, claim, settings)
     except SandboxFailure as failure:
-        log.info("evaluation of %s failed (%s): %s", submission_id, failure.kind, failure.detail)
-        return _record_failure(sessions, claim, failure.message)
+        log.info(
+            "evaluation of %s failed (%s): %s", claim.submission_id, failure.kind, failure.detail
+        )
+        return _record_failure(sessions, claim, settings, failure.message)
     except time_limit_errors:
         return _record_failure(
             sessions,
             claim,
+            settings,
             "The evaluation did not finish within the worker's time limit and was stopped. "
             "Make the model faster, or ask the operator for a longer limit.",
         )
     try:
-        return _record_result(sessions, claim, settings, output)
+        return _record_output(sessions, claim, settings, config, output)
     finally:
         if output.examples_dir is not None:
             shutil.rmtree(output.examples_dir, ignore_errors=True)
 
 
-def _record_failure(sessions: sessionmaker[Session], claim: Claim, message: str) -> Outcome:
-    with transaction(sessions) as session:
-        now = utcnow()
-        if _update(
-            session,
-            _fence(claim),
-            status=SubmissionStatus.FAILED,
-            message=message,
-            finished_at=now,
-            heartbeat_at=now,
-            eta_seconds=None,
-        ):
-            return Outcome.FAILED
-    return Outcome.LOST
+def _record_failure(
+    sessions: sessionmaker[Session], claim: Claim, settings: Settings, message: str
+) -> Outcome:
+    def write() -> bool:
+        with transaction(sessions) as session:
+            return lifecycle.fail(session, claim, message, utcnow())
+
+    return Outcome.FAILED if _retrying(settings)(write) else Outcome.LOST
 
 
-def _record_cancelled(sessions: sessionmaker[Session], claim: Claim) -> Outcome:
-    with transaction(sessions) as session:
-        now = utcnow()
-        if _update(
-            session,
-            _fence(claim),
-            status=SubmissionStatus.CANCELLED,
-            message="Cancelled by its owner while it was running.",
-            finished_at=now,
-            heartbeat_at=now,
-            eta_seconds=None,
-        ):
-            return Outcome.CANCELLED
-    return Outcome.LOST
+def _record_cancelled(sessions: sessionmaker[Session], claim: Claim, settings: Settings) -> Outcome:
+    def write() -> bool:
+        with transaction(sessions) as session:
+            return lifecycle.cancel_run(session, claim, utcnow())
+
+    return Outcome.CANCELLED if _retrying(settings)(write) else Outcome.LOST
 
 
 class MalformedResult(ValueError):
@@ -411,6 +377,7 @@ def evaluation_from_result(
             grid=accuracy("grid"),
             vote_natural=accuracy("vote_natural"),
             grid_vote=accuracy("grid_vote"),
+            first_order=_first_order(metrics),
             images=int(config["images"]),
             metrics=dict(metrics),
             landscape=result.get("landscape"),
@@ -427,6 +394,13 @@ def evaluation_from_result(
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedResult(str(exc)) from exc
+
+
+def _first_order(metrics: dict[str, Any]) -> float | None:
+    """The first-order attack's accuracy when the evaluation ran it (an optional metric)."""
+    value = metrics.get("first_order")
+    accuracy = _finite(value.get("accuracy")) if isinstance(value, dict) else None
+    return accuracy if accuracy is not None and 0.0 <= accuracy <= 1.0 else None
 
 
 def _store_examples(
@@ -451,74 +425,65 @@ def _store_examples(
     ]
 
 
-def _record_result(
-    sessions: sessionmaker[Session], claim: Claim, settings: Settings, output: SandboxOutput
+def _record_output(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    settings: Settings,
+    config: JobConfig,
+    output: SandboxOutput,
 ) -> Outcome:
+    """Store the result and its examples on the job's storage, then record it."""
     try:
         examples = _store_examples(settings, claim.submission_id, output)
     except OSError:
         log.exception("could not store the example images of %s", claim.submission_id)
         examples = []
-    for attempt in range(FINAL_WRITE_TRIES):
-        try:
-            return _write_result(sessions, claim, output, examples)
-        except MalformedResult as exc:
-            log.warning("malformed result for %s: %s", claim.submission_id, exc)
-            return _record_failure(
-                sessions, claim, "The evaluation process returned a malformed result."
-            )
-        except Exception:
-            if attempt == FINAL_WRITE_TRIES - 1:
-                raise
-            log.warning(
-                "writing the result of %s failed; retrying", claim.submission_id, exc_info=True
-            )
-            time.sleep(FINAL_WRITE_BACKOFF_S * (attempt + 1))
-    raise AssertionError("unreachable")
+    stored = store_result(
+        settings, claim.submission_id, claim.token, config, output.result, examples
+    )
+    return _record_stored(sessions, claim, settings, stored)
 
 
-def _write_result(
-    sessions: sessionmaker[Session],
-    claim: Claim,
-    output: SandboxOutput,
-    examples: list[dict[str, Any]],
+_FINISH_OUTCOMES = {
+    FinishOutcome.FINISHED: Outcome.FINISHED,
+    FinishOutcome.CANCELLED: Outcome.CANCELLED,
+    FinishOutcome.LOST: Outcome.LOST,
+}
+
+
+def _record_stored(
+    sessions: sessionmaker[Session], claim: Claim, settings: Settings, stored: StoredResult
 ) -> Outcome:
+    """Record ``stored`` under ``claim``, retrying while the database is away. The stored file
+    stays until the result is in the database (a worker that dies meanwhile loses nothing)."""
+    try:
+        outcome = _retrying(settings)(_write_result, sessions, claim, stored)
+    except MalformedResult as exc:
+        log.warning("malformed result for %s: %s", claim.submission_id, exc)
+        forget_stored(settings, claim.submission_id)
+        return _record_failure(
+            sessions, claim, settings, "The evaluation process returned a malformed result."
+        )
+    if outcome is Outcome.FINISHED:
+        forget_stored(settings, claim.submission_id)
+    return outcome
+
+
+def _write_result(sessions: sessionmaker[Session], claim: Claim, stored: StoredResult) -> Outcome:
     """The Evaluation row and ``status=finished``, in one transaction, or nothing."""
     with transaction(sessions) as session:
-        now = utcnow()
         submission = session.get(Submission, claim.submission_id)
         if submission is None:
             return Outcome.LOST
-        evaluation = evaluation_from_result(submission, output.result, examples)
-        done = _update(
+        evaluation = evaluation_from_result(submission, stored.result, stored.examples)
+        outcome = lifecycle.finish(
             session,
-            and_(_fence(claim), Submission.cancel_requested.is_(False)),
-            status=SubmissionStatus.FINISHED,
-            phase="done",
-            progress=1.0,
-            forward_passes=evaluation.forward_passes,
-            eta_seconds=0.0,
-            message=None,
-            finished_at=now,
-            heartbeat_at=now,
+            claim,
+            evaluation,
+            stored.job,
+            utcnow(),
+            computed_under=stored.claim_token,
         )
-        cancelled = False
-        if done:
-            # A row left by an earlier attempt cannot exist (it would have finished the job),
-            # but a unique violation must not be how we find out.
-            old = session.scalar(
-                select(Evaluation).where(Evaluation.submission_id == claim.submission_id)
-            )
-            if old is not None:
-                session.delete(old)
-                session.flush()
-            session.add(evaluation)
-        else:
-            cancelled = bool(
-                session.scalar(
-                    select(Submission.cancel_requested).where(Submission.id == claim.submission_id)
-                )
-            )
-    if done:
-        return Outcome.FINISHED
-    return _record_cancelled(sessions, claim) if cancelled else Outcome.LOST
+        if outcome is not FinishOutcome.FINISHED:
+            session.expunge(evaluation)
+    return _FINISH_OUTCOMES[outcome]

@@ -15,6 +15,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from db.session import Database
 from spatialbench.settings import Settings, get_settings
+from worker.queue import enqueue_evaluation
 from worker.reaper import ReaperThread
 from worker.sandbox import remove_abandoned_job_dirs
 
@@ -61,8 +62,6 @@ def _forget_inherited_broker_engines() -> None:
 
 @worker_process_init.connect
 def _start_process(**_: object) -> None:
-    from worker.queue import enqueue_evaluation, queue_is_empty
-
     _forget_inherited_broker_engines()
     runtime = get_runtime()
     for path in remove_abandoned_job_dirs(runtime.settings.sandbox_tmp_dir):
@@ -71,8 +70,7 @@ def _start_process(**_: object) -> None:
     runtime.reaper = ReaperThread(
         runtime.database.sessions,
         runtime.settings,
-        enqueue=lambda submission_id: enqueue_evaluation(submission_id, celery=app),
-        queue_is_empty=lambda: queue_is_empty(app),
+        publish=lambda submission_id: enqueue_evaluation(submission_id, celery=app),
     )
     runtime.reaper.start()
     log.info(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -31,7 +31,17 @@ from api.services.uploads import (
     discard,
     store_file,
 )
-from db.models import Evaluation, Submission, SubmissionStatus, User, utcnow
+from db import lifecycle
+from db.lifecycle import CancelOutcome
+from db.models import (
+    Evaluation,
+    ModelFormatName,
+    Resubmission,
+    Submission,
+    SubmissionStatus,
+    User,
+    utcnow,
+)
 from db.session import on_rollback
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.models.registry import get_architecture
@@ -72,21 +82,30 @@ class Usage:
 
 
 def usage(session: Session, user: User, now: datetime | None = None) -> Usage:
-    """How many submissions ``user`` made in the last 24 hours and how many are queued or
-    running."""
+    """How many submissions ``user`` made in the last 24 hours (new ones and resubmissions
+    of failed or cancelled ones) and how many are queued or running."""
     now = now or utcnow()
     since = now - DAY
-    count, oldest = session.execute(
-        select(func.count(), func.min(Submission.created_at)).where(
-            Submission.owner_id == user.id, Submission.created_at > since
-        )
-    ).one()
+    count, oldest = 0, None
+    for created_at, owner_id in (
+        (Submission.created_at, Submission.owner_id),
+        (Resubmission.created_at, Resubmission.owner_id),
+    ):
+        n, first = session.execute(
+            select(func.count(), func.min(created_at)).where(
+                owner_id == user.id, created_at > since
+            )
+        ).one()
+        count += int(n)
+        first = as_utc(first)
+        if first is not None and (oldest is None or first < oldest):
+            oldest = first
     active = session.scalar(
         select(func.count()).where(
             Submission.owner_id == user.id, Submission.status.in_(ACTIVE_STATUSES)
         )
     )
-    return Usage(last_24h=int(count), oldest_in_window=as_utc(oldest), active=int(active or 0))
+    return Usage(last_24h=count, oldest_in_window=oldest, active=int(active or 0))
 
 
 def limits(settings: Settings, user: User) -> tuple[int, int]:
@@ -171,27 +190,22 @@ def _apply_metadata(submission: Submission, meta: SubmissionCreate) -> None:
     submission.is_public = meta.is_public
 
 
-def _reset_for_requeue(submission: Submission) -> None:
-    submission.status = SubmissionStatus.QUEUED
-    submission.phase = None
-    submission.progress = 0.0
-    submission.forward_passes = 0
-    submission.eta_seconds = None
-    submission.message = None
-    submission.attempts = 0
-    submission.cancel_requested = False
-    submission.worker = None
-    submission.started_at = None
-    submission.finished_at = None
-    submission.heartbeat_at = None
-
-
-def _find(session: Session, sha256: str, benchmark: str) -> Submission | None:
-    return session.scalar(
+def _find(session: Session, owner: User, sha256: str, benchmark: str) -> Submission | None:
+    """``owner``'s own submission of this file to this benchmark; else a public one by
+    someone else (the oldest), which answers for the file. Others' private ones are never
+    seen: each user's submission stands on its own."""
+    found = session.scalars(
         select(Submission)
         .options(selectinload(Submission.owner), selectinload(Submission.evaluation))
-        .where(Submission.file_sha256 == sha256, Submission.benchmark == benchmark)
-    )
+        .where(
+            Submission.file_sha256 == sha256,
+            Submission.benchmark == benchmark,
+            (Submission.owner_id == owner.id) | Submission.is_public.is_(True),
+        )
+        .order_by(Submission.created_at, Submission.id)
+    ).all()
+    own = [s for s in found if s.owner_id == owner.id]
+    return own[0] if own else (found[0] if found else None)
 
 
 def submit(
@@ -204,9 +218,12 @@ def submit(
     """Accept ``upload`` (a received, not yet checked file) as a submission of ``owner``.
 
     In order: the metadata fits the benchmark; the same file for the same benchmark returns
-    the existing submission (``duplicate``; the owner's own failed or cancelled one is queued
-    again with the new metadata; someone else's private one is a ``Conflict``); the caps; the
-    file checks (``check_model_file``); the file moves into the store; the row is added.
+    the existing submission (``duplicate``): the owner's own, or a public one of someone
+    else (another user's private one is not seen: this user gets a submission of their
+    own). The owner's own failed or cancelled one, or one whose cancel was requested, is
+    queued again with the new metadata (a resubmit: it counts towards the daily cap); the
+    caps; the file checks (``check_model_file``); the file moves into the store; the row is
+    added.
     The staged file is gone afterwards whatever happens; a file newly stored is deleted again
     if the caller's transaction rolls back. CPU-bound (the file checks): call it from a
     worker thread.
@@ -215,20 +232,9 @@ def submit(
         if upload.path is None:
             raise InvalidInput("Attach the model file as the form field 'file'.")
         benchmark = check_metadata(meta, settings)
-        existing = _find(session, upload.sha256, benchmark.name)
-        requeue = False
-        if existing is not None:
-            if existing.owner_id != owner.id and not existing.is_public:
-                raise Conflict(
-                    "This exact file was already submitted to this benchmark by another user, "
-                    "privately; it is not evaluated twice."
-                )
-            requeue = existing.owner_id == owner.id and existing.status in (
-                SubmissionStatus.FAILED,
-                SubmissionStatus.CANCELLED,
-            )
-            if not requeue:
-                return SubmitResult(existing, duplicate=True, enqueue=False)
+        existing = _find(session, owner, upload.sha256, benchmark.name)
+        if existing is not None and not _resubmittable(existing, owner):
+            return SubmitResult(existing, duplicate=True, enqueue=False)
         check_caps(session, settings, owner)
         model_format = check_model_file(
             upload.path, benchmark, meta.architecture, 2 * settings.max_upload_bytes
@@ -237,24 +243,18 @@ def submit(
         path, created = store_file(upload, settings)
         if created:
             on_rollback(session, lambda: path.unlink(missing_ok=True))
-        if existing is not None:
-            _apply_metadata(existing, meta)
-            existing.model_format = model_format
-            _reset_for_requeue(existing)
-            session.flush()
-            return SubmitResult(existing, duplicate=True, enqueue=True)
+        if existing is not None and existing.owner_id == owner.id:
+            return _resubmit(session, existing, owner, meta, model_format)
         submission = Submission(
             owner_id=owner.id,
             benchmark=benchmark.name,
             model_format=model_format,
             file_sha256=sha256,
             file_size=size,
-            status=SubmissionStatus.QUEUED,
         )
         _apply_metadata(submission, meta)
-        session.add(submission)
         try:
-            session.flush()
+            lifecycle.submit(session, submission, utcnow())
         except IntegrityError as exc:
             raise Conflict(
                 "The same file was submitted to this benchmark at the same moment by another "
@@ -267,6 +267,36 @@ def submit(
         return SubmitResult(submission, duplicate=False, enqueue=True)
     finally:
         discard(upload)
+
+
+def _resubmittable(submission: Submission, owner: User) -> bool:
+    if submission.owner_id != owner.id:
+        return False
+    if submission.status in (SubmissionStatus.FAILED, SubmissionStatus.CANCELLED):
+        return True
+    # Cancelled and at once submitted again: the resubmit wins over the pending cancel.
+    return submission.cancel_requested and not submission.status.is_final
+
+
+def _resubmit(
+    session: Session,
+    submission: Submission,
+    owner: User,
+    meta: SubmissionCreate,
+    model_format: ModelFormatName,
+) -> SubmitResult:
+    """Queue ``owner``'s own failed or cancelled ``submission`` again with ``meta``."""
+    if not lifecycle.requeue(session, submission.id, owner.id, utcnow()):
+        # Its state changed since it was read (it finished, say): answer what it is now.
+        _refresh_columns(session, submission)
+        return SubmitResult(submission, duplicate=True, enqueue=False)
+    # The metadata changes in the same transaction as the requeue, which cleared the claim
+    # token: no run of the old settings can record a result for the new ones.
+    _apply_metadata(submission, meta)
+    submission.model_format = model_format
+    session.flush()
+    _refresh_columns(session, submission)
+    return SubmitResult(submission, duplicate=True, enqueue=True)
 
 
 # --- Read -------------------------------------------------------------------------------------
@@ -336,36 +366,16 @@ def cancel_submission(session: Session, submission: Submission, user: User) -> S
 
     Queued: cancelled at once. Running: ``cancel_requested`` is set and the worker stops it
     within seconds. Already cancelled, or cancel already requested: nothing changes. Finished
-    or failed: ``Conflict``. The status changes with a conditional UPDATE, so a worker taking
-    the job at the same moment cannot be overwritten.
+    or failed: ``Conflict``. See `db.lifecycle.request_cancel`.
     """
     if submission.owner_id != user.id and not user.is_admin:
         raise Forbidden("Only the owner of a submission can cancel it.")
-    now = utcnow()
-    result = session.execute(
-        update(Submission)
-        .where(Submission.id == submission.id, Submission.status == SubmissionStatus.QUEUED)
-        .values(
-            status=SubmissionStatus.CANCELLED,
-            finished_at=now,
-            eta_seconds=None,
-            message="Cancelled by its owner before it started.",
+    outcome = lifecycle.request_cancel(session, submission.id, utcnow())
+    _refresh_columns(session, submission)
+    if outcome is CancelOutcome.FINAL:
+        raise Conflict(
+            f"The submission has already {submission.status.value}; there is nothing to cancel."
         )
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        _refresh_columns(session, submission)
-        if submission.status is SubmissionStatus.RUNNING:
-            if not submission.cancel_requested:
-                submission.cancel_requested = True
-                session.flush()
-        elif submission.status in (SubmissionStatus.FINISHED, SubmissionStatus.FAILED):
-            raise Conflict(
-                f"The submission has already {submission.status.value}; there is nothing to "
-                "cancel."
-            )
-    else:
-        _refresh_columns(session, submission)
     return submission
 
 
