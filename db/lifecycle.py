@@ -298,14 +298,16 @@ def claim(
             _claimable(now, settings),
             Submission.attempts < settings.max_attempts,
         ),
-        **_FRESH_RUN,
-        status=SubmissionStatus.RUNNING,
-        attempts=Submission.attempts + 1,
-        claim_token=token,
-        worker=worker,
-        heartbeat_at=now,
-        started_at=now,
-        phase="starting",
+        **{
+            **_FRESH_RUN,
+            "status": SubmissionStatus.RUNNING,
+            "attempts": Submission.attempts + 1,
+            "claim_token": token,
+            "worker": worker,
+            "heartbeat_at": now,
+            "started_at": now,
+            "phase": "starting",
+        },
     ):
         attempt = session.scalar(select(Submission.attempts).where(Submission.id == submission_id))
         return Claim(submission_id, token, int(attempt or 0), worker)

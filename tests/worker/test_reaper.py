@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.lifecycle import reap
 from db.models import Submission, SubmissionStatus, utcnow
 from spatialbench.settings import Settings
 from tests.worker.helpers import ROOT, create_submission, settings_env, small_cnn_file
-from worker.reaper import reap
 
 
 def _running(
@@ -81,21 +81,39 @@ def test_a_stale_job_with_a_cancel_request_is_cancelled(
     assert _row(sessions, sid).status is SubmissionStatus.CANCELLED
 
 
-def test_queued_jobs_without_a_message_are_sent_again_once(
+def test_queued_jobs_are_published_again_oldest_first_whatever_the_broker_holds(
     sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
 ) -> None:
     now = utcnow()
-    old = now - timedelta(seconds=settings.heartbeat_timeout_s + 1)
-    model = small_cnn_file(tmp_path / "m.safetensors")
+    overdue = now - timedelta(seconds=settings.republish_after_s + 1)
+    ids = []
+    for i, published in enumerate([overdue, now, overdue, None]):
+        model = small_cnn_file(tmp_path / f"m{i}.safetensors", seed=i)
+        with sessions.begin() as session:
+            ids.append(
+                create_submission(
+                    session, settings, model, published_at=published,
+                    queued_at=now - timedelta(seconds=100 - i),
+                ).id
+            )  # fmt: skip
     with sessions.begin() as session:
-        waiting = create_submission(session, settings, model, created_at=old).id
+        assert reap(session, now, settings) == [ids[0], ids[2], ids[3]]
     with sessions.begin() as session:
-        assert reap(session, now, settings) == []  # the broker may still hold its message
+        assert reap(session, now, settings) == []  # just published
+    assert _row(sessions, ids[0]).status is SubmissionStatus.QUEUED
+
+
+def test_a_requeued_job_keeps_its_place_in_the_queue(
+    sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    now = utcnow()
+    queued_at = now - timedelta(hours=1)
+    sid = _running(sessions, settings, tmp_path, None, queued_at=queued_at)
     with sessions.begin() as session:
-        assert reap(session, now, settings, queue_empty=True) == [waiting]
-    with sessions.begin() as session:
-        assert reap(session, now, settings, queue_empty=True) == []
-    assert _row(sessions, waiting).status is SubmissionStatus.QUEUED
+        assert reap(session, now, settings) == [sid]
+    row = _row(sessions, sid)
+    assert row.queued_at.replace(tzinfo=None) == queued_at.replace(tzinfo=None)
+    assert row.claim_token is None
 
 
 # kombu's SQLAlchemy transport declares its relationships with the deprecated ``noload``.
@@ -111,10 +129,11 @@ def test_the_reap_command_requeues_through_the_broker(
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert f"requeued {sid}" in done.stdout
+    assert f"published {sid}" in done.stdout
     assert _row(sessions, sid).status is SubmissionStatus.QUEUED
     # The message is in the (embedded) broker.
     from worker.app import create_celery
-    from worker.queue import queue_is_empty
+    from worker.queue import QUEUE
 
-    assert not queue_is_empty(create_celery(settings))
+    with create_celery(settings).connection_for_write() as connection:
+        assert connection.default_channel.queue_declare(QUEUE, passive=True)[1] == 1

@@ -10,6 +10,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.lifecycle import claim as claim_submission
 from db.models import Evaluation, ModelFormatName, Submission, SubmissionStatus, utcnow
 from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark, load_benchmark_file
@@ -23,7 +24,8 @@ from tests.worker.helpers import (
     export_file,
     small_cnn_file,
 )
-from worker.runner import Claim, Outcome, _record_failure, claim_submission, run_submission
+from worker.results import find_stored, results_dir, store_result
+from worker.runner import Outcome, _record_failure, run_next, run_submission
 
 
 def _new(sessions: sessionmaker[Session], settings: Settings, model: Path, **kw: object) -> str:
@@ -47,7 +49,7 @@ def test_claim_takes_a_queued_job_once(
         first = claim_submission(session, sid, "w1", now, settings)
     with sessions.begin() as session:
         second = claim_submission(session, sid, "w2", now, settings)
-    assert first == Claim(sid, 1, "w1")
+    assert first is not None and (first.attempt, first.worker) == (1, "w1")
     assert second is None
     row = _row(sessions, sid)
     assert (row.status, row.attempts, row.worker) == (SubmissionStatus.RUNNING, 1, "w1")
@@ -102,7 +104,8 @@ def test_a_write_from_a_lost_claim_changes_nothing(
     with sessions.begin() as session:
         new = claim_submission(session, sid, "w2", later, settings)
     assert old is not None and new is not None
-    assert _record_failure(sessions, old, "too late") is Outcome.LOST
+    assert old.token != new.token
+    assert _record_failure(sessions, old, settings, "too late") is Outcome.LOST
     row = _row(sessions, sid)
     assert (row.status, row.worker, row.message) == (SubmissionStatus.RUNNING, "w2", None)
 
@@ -152,6 +155,13 @@ def test_run_submission_records_the_evaluators_result(
     fooled = [e for e in evaluation.examples if e["fooled"]]
     assert fooled
     assert all(e["fool_pred"] != e["label"] == e["pred"] for e in fooled)
+    # Stored with the exact configuration it was computed with; the stored copy is gone once
+    # the result is in the database.
+    assert evaluation.job is not None
+    assert evaluation.job["file_sha256"] == row.file_sha256
+    assert (evaluation.job["mean"], evaluation.job["limit"]) == (None, 40)
+    assert evaluation.job["claim_token"] == evaluation.job["computed_under"] == row.claim_token
+    assert not results_dir(settings, sid).exists()
 
     # A second run of a finished job changes nothing.
     assert run_submission(sessions, sid, settings, worker="w2") is Outcome.SKIPPED
@@ -169,3 +179,58 @@ def test_run_submission_fails_with_the_models_problem(
     assert row.status is SubmissionStatus.FAILED
     assert "NaN" in (row.message or "")
     assert row.finished_at is not None
+
+
+def test_the_oldest_queued_job_runs_first_whichever_message_arrives(
+    sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    now = utcnow()
+    ids = [
+        _new(
+            sessions,
+            settings,
+            small_cnn_file(tmp_path / f"m{i}.safetensors", seed=i),
+            queued_at=now - timedelta(seconds=10 - i),
+        )
+        for i in range(3)
+    ]
+    from db.lifecycle import claim_next
+
+    with sessions.begin() as session:
+        taken = claim_next(session, "w", now, settings)
+    assert taken is not None and taken.submission_id == ids[0]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_stored_result_is_recorded_instead_of_evaluating_again(
+    sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    """A result stored by a run whose recording never happened (its worker died while the
+    database was away) is recorded by the next claim with the same configuration."""
+    from db.lifecycle import JobConfig
+
+    sid = _new(sessions, settings, small_cnn_file(tmp_path / "m.safetensors"))
+    with sessions.begin() as session:
+        row = session.get(Submission, sid)
+        assert row is not None
+        job = JobConfig.of(row, settings.eval_limit)
+        other = JobConfig(**{**job.to_dict(), "mean": [0.5], "std": [0.5]})
+    result = {
+        "benchmark": QUICK_BENCHMARK,
+        "metrics": {"natural": {"accuracy": 0.25}, "first_order": {"accuracy": 0.125}},
+        "cost": {"forward_passes": 7, "wall_time_s": 1.0, "device": "cpu", "precision": "fp32",
+                 "seed": 0},
+        "config": {"images": 8},
+    }  # fmt: skip
+    store_result(settings, sid, "a" * 32, other, {**result, "metrics": {}}, [])
+    store_result(settings, sid, "b" * 32, job, result, [])
+    assert find_stored(settings, sid, job) is not None
+    # The model file is gone: had it evaluated, it would have failed.
+    settings.model_path(_row(sessions, sid).file_sha256).unlink()
+    assert run_next(sessions, settings, worker="w2") is Outcome.FINISHED
+    with sessions() as session:
+        evaluation = session.scalars(select(Evaluation)).one()
+    assert (evaluation.natural, evaluation.first_order) == (0.25, 0.125)
+    assert evaluation.job is not None and evaluation.job["computed_under"] == "b" * 32
+    assert evaluation.job["claim_token"] == _row(sessions, sid).claim_token != "b" * 32
+    assert not results_dir(settings, sid).exists()
