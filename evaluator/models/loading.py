@@ -5,15 +5,16 @@ Two formats are accepted (see ``ModelFormat``):
 - **safetensors** weights for a registry architecture. The header is plain JSON and the data
   raw tensor bytes, so the trusted service can check keys, shapes, dtypes and finiteness
   (``check_safetensors``) and load them anywhere.
-- **torch.export archives** (``.pt2``) for any other architecture. Their structure is checked
-  with ``zipfile`` alone (``check_export_archive``); loading them (``load_export_model``)
-  goes through ``torch.export.load``, which may unpickle parts of the archive (sample inputs,
-  some constants), so it is called only by the local CLI on the user's own file or inside the
-  worker's sandboxed evaluation process.
+- **torch.export archives** (``.pt2``) for any other architecture, read as their program
+  (JSON) and raw weight bytes by ``evaluator.models.pt2``: ``check_export_archive`` checks one
+  without building anything (the API, at upload), ``load_export_model`` builds it through
+  torch's own deserializer (the sandboxed model process). Neither ever unpickles: sample
+  inputs are never read, and weights, constants or objects stored with pickle are refused.
 
 Everything else is refused with ``ModelFormatError`` and a message that says how to convert.
-This module never calls the pickle-based loaders of torch (``torch`` ``.load``), TorchScript or
-the ``pickle`` module.
+This module never unpickles: no ``torch.export.load``, TorchScript or ``pickle``; the one
+``torch.load`` (with ``weights_only=True``) is behind the local CLI's opt-in for an author's
+own file (``allow_pickled_weights``), which the service never passes.
 
 Layout of a torch 2.14 ``torch.export.save`` archive: a zip of *stored* (uncompressed) entries,
 all under one top folder named after the file's stem (``<top>``)::
@@ -27,6 +28,7 @@ all under one top folder named after the file's stem (``<top>``)::
     <top>/data/weights/weight_<i>                   raw tensor bytes
     <top>/data/constants/model_constants_config.json
     <top>/data/sample_inputs/model.pt               sample inputs, pickled with torch.save
+                                                    (never read; stripped at upload)
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import struct
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,6 +53,7 @@ from evaluator.errors import (
     UnknownArchitectureError,
     WeightsMismatchError,
 )
+from evaluator.models import pt2
 from evaluator.models.registry import get_architecture, list_architectures
 
 __all__ = [
@@ -96,8 +98,6 @@ _PICKLE_MESSAGE = (
 
 # The safetensors library refuses headers above 100 MB; so do we, before reading one.
 _MAX_SAFETENSORS_HEADER = 100_000_000
-# Zip entries an export archive may hold (a real one has a few per weight tensor).
-_MAX_ARCHIVE_MEMBERS = 100_000
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -138,6 +138,8 @@ def detect_format(path: StrPath) -> ModelFormat:
             _validate_safetensors_header(f, head, size)
             return ModelFormat.SAFETENSORS
     if zipfile.is_zipfile(path):
+        # Before zipfile parses the directory: 400,000 members cost seconds and 200 MB.
+        pt2.check_member_count(path)
         return _classify_zip(path)
     if head.startswith(b"PK\x03\x04"):
         raise ModelFormatError(
@@ -176,6 +178,8 @@ def _validate_safetensors_header(f: BinaryIO, head: bytes, size: int) -> None:
         header = json.loads(f.read(header_len).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise truncated(f"header is not JSON: {exc}") from exc
+    except RecursionError:
+        raise truncated("header nests lists or objects too deeply") from None
     if not isinstance(header, dict):
         raise truncated("header is not a JSON object")
     data_len = size - 8 - header_len
@@ -242,94 +246,19 @@ def _classify_zip(path: Path) -> ModelFormat:
 
 # --- torch.export archives ----------------------------------------------------------------------
 
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-def _unsafe_member_reason(name: str) -> str | None:
-    if "\x00" in name:
-        return "contains a NUL byte"
-    if "\\" in name:
-        return "contains a backslash"
-    if name.startswith("/") or _DRIVE.match(name):
-        return "is an absolute path"
-    parts = name.rstrip("/").split("/")
-    if any(part in ("..", ".") for part in parts):
-        return "contains a '..' or '.' component"
-    if any(part == "" for part in parts):
-        return "contains an empty path component"
-    return None
-
 
 def check_export_archive(path: StrPath, max_bytes: int | None = None) -> None:
-    """Check that ``path`` is a well-formed torch.export archive, without unpickling anything.
+    """Check that ``path`` is a torch.export archive that loads without pickle; never runs it.
 
-    Uses ``zipfile`` only: a readable central directory; no encrypted or duplicate members;
-    no member names that are absolute or contain ``..``; all members under one top folder
-    with ``<top>/archive_format`` reading ``pt2``, ``<top>/archive_version`` and
-    ``<top>/models/model.json``; and, when ``max_bytes`` is given, a total *declared*
-    uncompressed size of at most ``max_bytes`` (torch writes stored entries, whose declared
-    size is their size on disk; the sandbox's memory limit backs this up against a zip that
-    lies). Raises ``ModelFormatError``; returns None when the archive passes.
+    Reads the zip directory and the JSON members only (``pt2.inspect_archive``): one top
+    folder, no unsafe, encrypted, duplicate or unknown members, no weights or constants
+    stored with pickle, tensor bytes that cover their declared shapes, and a program that is
+    a pure function of one image batch calling only torch's own ops. With ``max_bytes``, the
+    members' declared total size must not exceed it (torch writes stored entries, whose
+    declared size is their size on disk; the sandbox's memory limit backs this up against a
+    zip that lies). Raises ``ModelFormatError`` saying how to re-export.
     """
-    path = Path(path)
-
-    def refuse(reason: str) -> ModelFormatError:
-        return ModelFormatError(f"The torch.export archive is refused: {reason}. {HOW_TO_CONVERT}")
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if not infos:
-                raise refuse("it is an empty zip")
-            if len(infos) > _MAX_ARCHIVE_MEMBERS:
-                raise refuse(f"it has {len(infos)} members, more than {_MAX_ARCHIVE_MEMBERS}")
-            seen: set[str] = set()
-            tops: set[str] = set()
-            total = 0
-            for info in infos:
-                # ``orig_filename`` is the name as stored, before zipfile cuts it at a NUL.
-                name = info.orig_filename
-                reason = _unsafe_member_reason(name)
-                if reason is not None:
-                    raise refuse(f"member name {name!r} {reason}")
-                if name in seen:
-                    raise refuse(f"member {name!r} appears more than once")
-                seen.add(name)
-                if info.flag_bits & 0x1:
-                    raise refuse(f"member {name!r} is encrypted")
-                tops.add(_top_folder(name))
-                total += info.file_size
-            if len(tops) != 1 or any("/" not in name for name in seen):
-                raise refuse(
-                    "its members must all live under one top folder, as torch.export.save "
-                    f"writes them (found {', '.join(sorted(tops)[:_MAX_LISTED])})"
-                )
-            top = tops.pop()
-            from torch.export.pt2_archive import constants as pt2
-
-            required = {
-                pt2.ARCHIVE_FORMAT_PATH,
-                pt2.ARCHIVE_VERSION_PATH,
-                pt2.MODELS_FILENAME_FORMAT.format("model"),
-            }
-            missing = sorted(f"{top}/{r}" for r in required if f"{top}/{r}" not in seen)
-            if missing:
-                raise refuse(f"it lacks {', '.join(missing)}")
-            fmt_info = zf.getinfo(f"{top}/{pt2.ARCHIVE_FORMAT_PATH}")
-            if fmt_info.file_size > 16 or zf.read(fmt_info) != pt2.ARCHIVE_FORMAT_VALUE.encode():
-                raise refuse(f"{top}/{pt2.ARCHIVE_FORMAT_PATH} does not read 'pt2'")
-            version_info = zf.getinfo(f"{top}/{pt2.ARCHIVE_VERSION_PATH}")
-            version = zf.read(version_info) if version_info.file_size <= 16 else b"?"
-            if version != pt2.ARCHIVE_VERSION_VALUE.encode():
-                raise refuse(
-                    f"its archive version {version!r} is not the "
-                    f"{pt2.ARCHIVE_VERSION_VALUE!r} that PyTorch "
-                    f"{torch.__version__.split('+')[0]} reads; re-save it with this version"
-                )
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, RuntimeError) as exc:
-        raise refuse(f"it is not a readable zip archive ({exc})") from exc
-    if max_bytes is not None and total > max_bytes:
-        raise refuse(f"it unpacks to {total} bytes, more than the limit of {max_bytes} bytes")
+    pt2.inspect_archive(path, max_bytes=max_bytes)
 
 
 class ExportedModule(nn.Module):
@@ -359,8 +288,10 @@ class ExportedModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         try:
             return self.program(x)
-        except AssertionError as exc:
-            if "Guard failed" not in str(exc):
+        except (AssertionError, RuntimeError) as exc:
+            # torch's shape checks: a generated guard (AssertionError) or the input-constraint
+            # pre-hook (RuntimeError), depending on how the archive was exported.
+            if "Guard failed" not in str(exc) and not str(exc).startswith("Expected input at"):
                 raise
             raise ModelFormatError(
                 f"The exported model does not accept inputs of shape {tuple(x.shape)} ({exc}). "
@@ -370,26 +301,27 @@ class ExportedModule(nn.Module):
             ) from exc
 
 
-def load_export_model(path: StrPath, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a torch.export archive as an ``ExportedModule`` on ``device``.
+def load_export_model(
+    path: StrPath,
+    device: str | torch.device = "cpu",
+    *,
+    allow_pickled_weights: bool = False,
+) -> nn.Module:
+    """Load a torch.export archive as an ``ExportedModule`` on ``device``, without pickle.
 
-    ``torch.export.load`` may unpickle parts of the archive (its sample inputs, some
-    constants), so this is called only by the local CLI on the user's own file or inside the
-    worker's sandboxed evaluation process, never by the API or the trusted worker task. The
-    archive's structure is checked first (``check_export_archive``, without a size cap).
+    The archive is checked as by ``check_export_archive`` (without a size cap) and built from
+    its program and raw weight bytes (``pt2.load_exported_program``); its sample inputs are
+    never read. Running the result runs the uploaded program, so the service calls this only
+    in the sandboxed model process. ``allow_pickled_weights`` is the local CLI's opt-in for
+    an author's own file (weights stored with pickle, read by torch's ``weights_only``
+    unpickler); the service never passes it.
 
     The program runs with the train/eval semantics it was exported with: export after
     ``model.eval()``, and with a dynamic batch dimension.
     """
-    from torch.export.passes import move_to_device_pass
-
-    check_export_archive(path)
-    # An open file rather than a path: torch warns about paths not ending in ".pt2", and
-    # stored uploads are named by their hash.
-    with Path(path).open("rb") as f:
-        program = torch.export.load(f)
-    # Moves the constants baked into the graph as well as parameters and buffers.
-    program = move_to_device_pass(program, torch.device(device))
+    program = pt2.load_exported_program(
+        path, torch.device(device), allow_pickled_weights=allow_pickled_weights
+    )
     return ExportedModule(program.module()).to(device)
 
 
@@ -607,13 +539,16 @@ def load_model(
     std: Sequence[float] | None = None,
     device: str | torch.device = "cpu",
     allow_export: bool = True,
+    allow_pickled_weights: bool = False,
 ) -> nn.Module:
     """Load a submitted model for evaluation: eval mode, on ``device``, normalising inputs.
 
     Dispatches on ``detect_format``. safetensors needs ``arch`` (and uses ``num_classes``,
     default the architecture's). A torch.export archive ignores ``arch`` and ``num_classes``
     (the evaluator checks the logits' shape) and is refused with ``allow_export=False``, which
-    trusted processes pass: its loader may unpickle (see ``load_export_model``).
+    processes that must not run uploaded code pass (loading never unpickles, but the program
+    runs when called). ``allow_pickled_weights`` is the local CLI's opt-in (see
+    ``load_export_model``); the service never passes it.
     """
     fmt = detect_format(path)
     model: nn.Module
@@ -628,8 +563,8 @@ def load_model(
     else:
         if not allow_export:
             raise ModelFormatError(
-                "torch.export archives are loaded only inside the sandboxed evaluation "
-                "process, not here."
+                "torch.export archives are loaded only inside the sandboxed model process, "
+                "not here."
             )
-        model = load_export_model(path, device=device)
+        model = load_export_model(path, device=device, allow_pickled_weights=allow_pickled_weights)
     return wrap_normalization(model, mean, std).to(device).eval()
