@@ -1,35 +1,40 @@
-"""Running an untrusted model: a child process with an empty environment, limits and a deadline.
+"""Running an untrusted model: two processes under bubblewrap, limits and a deadline.
 
-`run_sandboxed` starts ``python -m worker.sandbox_child`` (see there for the protocol) and
-drives it until it reports a result or an error, dies, overruns its deadline or is stopped:
+`run_sandboxed` makes three pipes and starts two processes, handing each only its ends:
 
-- **environment**: empty but for the few variables listed in `child_environment` (no
-  database or broker URLs, no secrets); ``HOME`` and ``TMPDIR`` are a private folder that
-  is removed afterwards.
-- **user**: when the worker runs as root, the child runs as ``sandbox_user`` (``nobody``)
-  with no supplementary groups; the model file is copied into the private folder for it.
-- **limits**: the child sets them on itself before it reads the model: no core dumps, open
-  files and file sizes capped, address space capped on the CPU; and no network where the
-  kernel allows a user namespace. (Not ``preexec_fn``: it is unsafe in a process with threads,
-  and the worker has some.)
-- **deadline and stop**: the parent kills the child's process group when the wall-clock
-  deadline passes or ``tick`` says stop; the child also dies with its parent.
+- the **model process** (`worker.model_process`) opens the uploaded model and answers logits
+  (and input gradients) for the batches it is sent; it sees the model file, read-only, and
+  nothing of the data, the labels or the report channel;
+- the **evaluator process** (`worker.evaluator_process`) runs the trusted evaluator (data,
+  transforms, attacks, metrics, example images) against the model process and reports
+  progress and the result to this process. It never opens the model file.
 
-The parent never trusts what comes back: lines are size-capped JSON, example images are
-copied only if they are plain PNG files the child wrote itself. This module imports neither
-torch nor the evaluator, so the worker process never loads a model.
+Only the evaluator's reports are read here, and its result is bounded against the benchmark
+(`worker.result_bounds`) before it is returned. Both processes run under bubblewrap (`bwrap`):
+new PID, network, IPC, UTS and mount namespaces and a user namespace; a root of their own
+with the interpreter, its site-packages and the project's ``evaluator`` and ``worker``
+packages read-only at their own paths; a private size-capped tmpfs for ``/tmp`` (their
+``HOME``); no view of the state directory, database, broker, storage, other jobs or
+secrets; ``--die-with-parent``, and the PID namespace takes any process they leave behind
+with it. When the worker runs as root they run as the unprivileged sandbox user (``nobody``):
+bubblewrap mounts as root, then ``setpriv`` drops to that user (no capabilities, no new
+privileges) before ``unshare --user`` and the interpreter start. There is no fallback to
+the worker's user: if the sandbox cannot start, the job fails (`SandboxFailure` "internal").
+
+Limits and the deadline: each process caps its own open files, file sizes and (on the CPU)
+address space before it reads anything; this process kills both when the wall-clock deadline
+passes or ``tick`` says stop. This module imports neither torch nor the evaluator.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pwd
-import re
 import select
 import shutil
 import signal
+import site
 import stat
 import subprocess
 import sys
@@ -37,8 +42,24 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+from worker.messages import (
+    REPORT,
+    ErrorCategory,
+    ErrorReport,
+    EvaluatorJob,
+    Example,
+    Hello,
+    ModelProcessConfig,
+    ProgressReport,
+    ResultReport,
+)
+from worker.result_bounds import ResultRejected, check_result
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +68,36 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MAX_LINE_BYTES = 256 * 2**20
 MAX_EXAMPLE_BYTES = 4 * 2**20
 STDERR_TAIL_BYTES = 4000
-_EXAMPLE_NAME = re.compile(r"^[0-9]{2}_(original|transformed)\.png$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JOB_DIR_PREFIX = "spatialbench-job-"
 # Variables passed through from the worker's environment: device selection and library paths
 # of the CUDA images. Nothing else crosses.
-JOB_DIR_PREFIX = "spatialbench-job-"
 PASSTHROUGH_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES", "TZ")
+# Where the sandboxes see their job's files.
+SANDBOX_JOB = Path("/job")
+SANDBOX_TMP = Path("/tmp")
+# Host files the dynamic linker and the C library read; the rest of /etc stays out of view.
+_SYSTEM_RO = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
+_ETC_RO = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
+_GPU_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0",
+                "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidia3", "/dev/nvidia4", "/dev/nvidia5",
+                "/dev/nvidia6", "/dev/nvidia7")  # fmt: skip
+# How long the model process may take to exit once the evaluator said it died.
+_MODEL_EXIT_WAIT_S = 10.0
+# What the sandbox's own tools print when they cannot set it up.
+_SETUP_ERRORS = ("bwrap:", "setpriv:", "unshare:")
+UNPRIVILEGED_UID = 65534
+
+
+class Role(StrEnum):
+    MODEL = "model"
+    EVALUATOR = "evaluator"
 
 
 @dataclass(frozen=True)
 class SandboxJob:
-    """What to evaluate; becomes the child's job JSON (paths are rewritten for the child)."""
+    """What to evaluate; becomes the two processes' configurations (with paths inside their
+    sandboxes)."""
 
     model_path: Path
     model_format: str
@@ -72,6 +112,9 @@ class SandboxJob:
     bf16: bool = False
     limit: int | None = None
     examples: int = 8
+    # `evaluator.evaluate.EvalOptions(**options)` in the evaluator process; unknown keys fail
+    # the job ("internal"). JSON values: ``metrics`` a list of names, ``shard`` [start, stop].
+    options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,16 +122,19 @@ class SandboxLimits:
     deadline_s: float
     memory_bytes: int | None = 16 * 2**30
     threads: int | None = None
-    # Run as this user when the worker is root; None or "" keeps the worker's user.
+    # When the worker runs as root, the sandboxes run as this user; None or "" means
+    # ``nobody`` (uid 65534): never as root. A worker that is not root keeps its own user,
+    # which is already unprivileged.
     user: str | None = "nobody"
-    # In production a user that cannot run the interpreter is a configuration error; elsewhere
-    # (the embedded mode, run as root from a home directory closed to others) the child then
-    # keeps the worker's user, with everything else of the sandbox, and a warning is logged.
-    require_user: bool = False
+    # Kept for callers; the sandbox user is always required now (no fallback).
+    require_user: bool = True
+    # Kept for callers; the sandboxes always have a network namespace of their own now.
     isolate_network: bool = True
     open_files: int = 4096
     file_bytes: int = 2**30
     tmp_dir: Path | None = None
+    # Size of each sandbox's private /tmp (memory-backed).
+    tmpfs_bytes: int = 256 * 2**20
 
 
 @dataclass
@@ -129,15 +175,15 @@ def remove_abandoned_job_dirs(tmp_dir: Path | None = None) -> list[Path]:
     return removed
 
 
-def child_environment(tmp: Path, threads: int | None) -> dict[str, str]:
-    """The child's whole environment."""
+def child_environment(threads: int | None) -> dict[str, str]:
+    """The sandboxed processes' whole environment."""
     n = str(threads or os.cpu_count() or 1)
     env = {
         "PYTHONPATH": str(PROJECT_ROOT),
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
-        "HOME": str(tmp),
-        "TMPDIR": str(tmp),
+        "HOME": str(SANDBOX_TMP),
+        "TMPDIR": str(SANDBOX_TMP),
         "LANG": "C.UTF-8",
         "OMP_NUM_THREADS": n,
         "MKL_NUM_THREADS": n,
@@ -148,99 +194,144 @@ def child_environment(tmp: Path, threads: int | None) -> dict[str, str]:
     return env
 
 
-def _can_run_interpreter(user: pwd.struct_passwd) -> bool:
-    """Whether ``user`` may traverse to and execute this interpreter and the project."""
-    paths = [Path(sys.executable).resolve(), Path(sys.executable).absolute(), PROJECT_ROOT]
-    for path in paths:
-        for folder in [*path.parents, path]:
-            try:
-                info = folder.stat()
-            except OSError:
-                return False
-            if info.st_uid == user.pw_uid:
-                continue
-            bit = stat.S_IXGRP if info.st_gid == user.pw_gid else stat.S_IXOTH
-            if not info.st_mode & bit:
-                return False
-    return True
+# --- The bubblewrap profile -------------------------------------------------------------------
 
 
-def _sandbox_user(name: str | None, required: bool = False) -> pwd.struct_passwd | None:
-    if not name or os.geteuid() != 0:
-        return None
+@dataclass(frozen=True)
+class Identity:
+    """Who the sandboxed processes run as. ``drop``: the worker is root, so the sandbox
+    switches to ``uid``/``gid`` itself."""
+
+    uid: int
+    gid: int
+    drop: bool
+
+
+def sandbox_identity(user: str | None) -> Identity:
+    if os.geteuid() != 0:
+        return Identity(os.getuid(), os.getgid(), drop=False)
+    name = user or "nobody"
     try:
-        user = pwd.getpwnam(name)
+        entry = pwd.getpwnam(name)
     except KeyError:
         raise SandboxFailure(
             "internal",
             "The worker is misconfigured: its sandbox user does not exist.",
             detail=f"no user {name!r}; set SPATIALBENCH_SANDBOX_USER",
         ) from None
-    if _can_run_interpreter(user):
-        return user
-    if required:
+    if entry.pw_uid == 0:
         raise SandboxFailure(
             "internal",
-            "The worker is misconfigured: its sandbox user cannot run the evaluator.",
-            detail=f"user {name!r} cannot reach {sys.executable} or {PROJECT_ROOT}",
+            "The worker is misconfigured: its sandbox user is root.",
+            detail=f"user {name!r} has uid 0; set SPATIALBENCH_SANDBOX_USER to an unprivileged one",
         )
-    log.warning(
-        "sandbox user %r cannot run %s; the evaluation runs as the worker's user",
-        name,
-        sys.executable,
-    )
-    return None
+    return Identity(entry.pw_uid, entry.pw_gid, drop=True)
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
-    proc.wait()
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=os.environ.get("PATH", os.defpath) + ":/usr/bin:/bin")
+    if path is None:
+        raise SandboxFailure(
+            "internal",
+            "The worker cannot start its sandbox; the operator has to fix this.",
+            detail=f"{name} is not installed (install the Debian package bubblewrap: "
+            "scripts/bwrap.sh)",
+        )
+    return path
 
 
-def _tail(f: Any, limit: int = STDERR_TAIL_BYTES) -> str:
-    f.flush()
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - limit))
-    return f.read().decode("utf-8", "replace")
+def interpreter_paths() -> list[Path]:
+    """What the sandboxed interpreter needs, read-only at its own path: the interpreter's
+    prefix, the virtualenv and its site-packages, and the project's two packages the
+    sandboxes import (not the project root, where the embedded mode keeps its state)."""
+    paths = {Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable).parent}
+    paths.update(Path(p) for p in site.getsitepackages())
+    paths.update(PROJECT_ROOT / name for name in ("evaluator", "worker"))
+    resolved = {p.resolve() for p in paths if p.exists()} | {p for p in paths if p.exists()}
+    return sorted(resolved, key=lambda p: (len(p.parts), str(p)))
+
+
+def bwrap_command(
+    role: Role,
+    argv: list[str],
+    identity: Identity,
+    *,
+    binds: list[tuple[str, Path, Path]],
+    tmpfs_bytes: int,
+    gpu: bool = False,
+) -> list[str]:
+    """The command that runs ``argv`` (a Python module and its arguments) sandboxed.
+    ``binds`` are (bwrap option, host path, sandbox path) for the role's own files."""
+    cmd = [_tool("bwrap"), "--die-with-parent", "--new-session"]
+    if identity.drop:
+        # Root mounts without a user namespace (so it can read an interpreter under a home
+        # closed to others), then the process drops to the sandbox user below.
+        cmd += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+                "--unshare-cgroup-try", "--cap-drop", "ALL", "--cap-add", "CAP_SETUID",
+                "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]  # fmt: skip
+    else:
+        cmd += ["--unshare-all", "--unshare-user"]
+    cmd += ["--hostname", f"sandbox-{role.value}", "--proc", "/proc", "--dev", "/dev"]
+    # Writable by the sandbox user only through its sticky /tmp.
+    cmd += ["--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", str(SANDBOX_TMP)]
+    for path in (*_SYSTEM_RO, *_ETC_RO):
+        cmd += ["--ro-bind-try", path, path]
+    paths = interpreter_paths()
+    targets = [*paths, *(target for _option, _source, target in binds)]
+    # The folders above the mounts are made by bubblewrap; they must be traversable by the
+    # sandbox user (a home closed to others on the host is an empty, open folder here).
+    for folder in _ancestors(targets):
+        cmd += ["--perms", "0755", "--dir", str(folder)]
+    for path in paths:
+        cmd += ["--ro-bind", str(path), str(path)]
+    if gpu:
+        for device in _GPU_DEVICES:
+            cmd += ["--dev-bind-try", device, device]
+        cmd += ["--ro-bind-try", "/sys", "/sys"]
+    for option, source, target in binds:
+        cmd += [option, str(source), str(target)]
+    cmd += ["--chdir", str(SANDBOX_TMP), "--"]
+    if identity.drop:
+        cmd += [_tool("setpriv"), f"--reuid={identity.uid}", f"--regid={identity.gid}",
+                "--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all",
+                "--"]  # fmt: skip
+        cmd += [_tool("unshare"), "--user", "--"]
+    return [*cmd, sys.executable, "-s", "-B", "-m", f"worker.{role.value}_process", *argv]
+
+
+def _ancestors(paths: list[Path]) -> list[Path]:
+    found = {parent for path in paths for parent in path.parents if parent != Path("/")}
+    return sorted(found, key=lambda p: (len(p.parts), str(p)))
+
+
+# --- Examples ----------------------------------------------------------------------------------
 
 
 def _collect_examples(
     examples: Any, source: Path, owner_uid: int
 ) -> tuple[list[dict[str, Any]], Path | None]:
-    """Copy the example PNGs the child wrote into a folder only we can write, keeping only
-    plain, single-link, size-capped PNG files owned by the child (a symlink or hard link could
-    point at a file the child may not read)."""
+    """Copy the example PNGs the evaluator wrote into a folder only we can write, keeping only
+    plain, single-link, size-capped PNG files owned by the sandbox user (a symlink or hard
+    link could point at a file the sandbox may not read)."""
     if not isinstance(examples, list) or not examples:
         return [], None
     target: Path | None = None
     kept: list[dict[str, Any]] = []
-    for example in examples[:64]:
-        if not isinstance(example, dict):
-            continue
-        names = [example.get("original"), example.get("transformed")]
-        checked = [n for n in names if isinstance(n, str) and _EXAMPLE_NAME.match(n)]
-        if len(checked) != 2:
-            continue
+    for raw in examples[:64]:
         try:
-            clean = _clean_example(example)
-        except (TypeError, ValueError):
+            example = raw if isinstance(raw, Example) else Example.model_validate(raw)
+        except ValidationError:
             continue
-        contents = [_read_png(source / name, owner_uid) for name in checked]
+        names = [example.original, example.transformed]
+        contents = [_read_png(source / name, owner_uid) for name in names]
         if any(data is None for data in contents):
             continue
         if target is None:
             target = Path(tempfile.mkdtemp(prefix="spatialbench-examples-"))
-        for name, data in zip(checked, contents, strict=True):
+        for name, data in zip(names, contents, strict=True):
             assert data is not None
             (target / name).write_bytes(data)
-        kept.append(clean)
+        kept.append(example.model_dump(exclude_none=True))
     return kept, target
 
 
@@ -259,24 +350,86 @@ def _read_png(path: Path, owner_uid: int) -> bytes | None:
     return data
 
 
-def _clean_example(example: dict[str, Any]) -> dict[str, Any]:
-    """Only the expected keys, with the expected types."""
-    given = example.get("point")
-    point: dict[str, Any] = given if isinstance(given, dict) else {}
-    out: dict[str, Any] = {
-        "index": int(example.get("index", -1)),
-        "label": int(example.get("label", -1)),
-        "pred": int(example.get("pred", -1)),
-        "fooled": bool(example.get("fooled", False)),
-        "point": {k: float(point.get(k, 0.0)) for k in ("theta", "dx", "dy")},
-        "fool_pred": int(example.get("fool_pred", -1)),
-        "original": str(example["original"]),
-        "transformed": str(example["transformed"]),
-    }
-    for key in ("label_name", "fool_pred_name"):
-        if isinstance(example.get(key), str):
-            out[key] = example[key][:100]
-    return out
+# --- Running -----------------------------------------------------------------------------------
+
+
+class _Process:
+    """One sandboxed process: its Popen, its stdin and its captured output."""
+
+    def __init__(self, role: Role, cmd: list[str], pass_fds: tuple[int, ...], env: dict[str, str]):
+        self.role = role
+        self.output = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=self.output,
+                stderr=self.output,
+                pass_fds=pass_fds,
+                env=env,
+                cwd="/",
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            self.output.close()
+            raise SandboxFailure(
+                "internal",
+                "The worker cannot start its sandbox; the operator has to fix this.",
+                detail=f"{cmd[0]}: {exc}",
+            ) from exc
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+    def tail(self, limit: int = STDERR_TAIL_BYTES) -> str:
+        self.output.flush()
+        size = self.output.seek(0, os.SEEK_END)
+        self.output.seek(max(0, size - limit))
+        return self.output.read().decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self.kill()
+        self.output.close()
+
+
+def _job_files(
+    job: SandboxJob, identity: Identity, limits: SandboxLimits
+) -> tuple[Path, Path, Path]:
+    """The job's private folder (only this process may enter it), the model's copy there
+    (read-only to the sandbox) and the evaluator's output folder (writable by the sandbox)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-", dir=limits.tmp_dir))
+    os.chmod(tmp, 0o700)
+    model = tmp / ("model.pt2" if job.model_format == "export" else "model.safetensors")
+    shutil.copyfile(job.model_path, model)
+    os.chmod(model, 0o444)
+    out = tmp / "out"
+    out.mkdir(mode=0o700)
+    if identity.drop:
+        os.chown(out, identity.uid, identity.gid)
+    return tmp, model, out
 
 
 def run_sandboxed(
@@ -287,207 +440,236 @@ def run_sandboxed(
     tick: Callable[[], bool] | None = None,
     tick_interval_s: float = 1.0,
 ) -> SandboxOutput:
-    """Evaluate ``job`` in a sandboxed child; see the module doc.
+    """Evaluate ``job`` in the two sandboxed processes; see the module doc.
 
     ``on_progress`` gets each progress message (dicts with phase, fraction, forward_passes,
     elapsed_s, eta_s). ``tick`` is called about every ``tick_interval_s`` seconds; when it
-    returns True the child is killed and `SandboxStopped` raised. Raises `SandboxFailure` with a
-    user-facing message when the evaluation fails, for whatever reason.
+    returns True both processes are killed and `SandboxStopped` raised. Raises
+    `SandboxFailure` with a user-facing message when the evaluation fails, for whatever reason.
     """
-    user = _sandbox_user(limits.user, limits.require_user)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-", dir=limits.tmp_dir))
-    read_fd, write_fd = os.pipe()
-    proc: subprocess.Popen[bytes] | None = None
+    identity = sandbox_identity(limits.user)
+    tmp, model_copy, output_dir = _job_files(job, identity, limits)
+    fds: list[int] = []
+    processes: list[_Process] = []
     try:
-        model_copy = tmp / ("model.pt2" if job.model_format == "export" else "model.safetensors")
-        shutil.copyfile(job.model_path, model_copy)
-        output_dir = tmp / "out"
-        output_dir.mkdir()
-        owner_uid = os.getuid()
-        if user is not None:
-            owner_uid = user.pw_uid
-            for path in (tmp, output_dir, model_copy):
-                os.chown(path, user.pw_uid, user.pw_gid)
-        os.chmod(tmp, 0o700)
-        os.chmod(model_copy, 0o400)
-        child_job = {
-            "model_path": str(model_copy),
-            "model_format": job.model_format,
-            "architecture": job.architecture,
-            "mean": job.mean,
-            "std": job.std,
-            "benchmark": job.benchmark,
-            "benchmarks_file": str(job.benchmarks_file) if job.benchmarks_file else None,
-            "data_dir": str(job.data_dir) if job.data_dir else None,
-            "device": job.device,
-            "batch_size": job.batch_size,
-            "bf16": job.bf16,
-            "limit": job.limit,
-            "examples": job.examples,
-            "output_dir": str(output_dir),
-            "threads": limits.threads,
-            "limits": {
-                "memory_bytes": limits.memory_bytes,
-                "open_files": limits.open_files,
-                "file_bytes": limits.file_bytes,
-                "isolate_network": limits.isolate_network,
-            },
-        }
-        # An unnamed file: the child writes its stdout and stderr there, and cannot swap it
-        # for a link to something it may not read.
-        with tempfile.TemporaryFile() as stderr:
-            try:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-s",
-                        "-m",
-                        "worker.sandbox_child",
-                        str(write_fd),
-                        str(os.getpid()),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=stderr,
-                    stderr=stderr,
-                    pass_fds=(write_fd,),
-                    env=child_environment(tmp, limits.threads),
-                    cwd=tmp,
-                    start_new_session=True,
-                    close_fds=True,
-                    user=user.pw_uid if user else None,
-                    group=user.pw_gid if user else None,
-                    extra_groups=[] if user else None,
-                )
-            except PermissionError as exc:
-                raise SandboxFailure(
-                    "internal",
-                    "The worker is misconfigured: it cannot start the evaluation process.",
-                    detail=f"{exc} (can user {limits.user!r} run {sys.executable}?)",
-                ) from exc
-            os.close(write_fd)
-            write_fd = -1
-            assert proc.stdin is not None
-            try:
-                proc.stdin.write(json.dumps(child_job).encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            message = _drive(proc, read_fd, limits, on_progress, tick, tick_interval_s, stderr)
-            if message["type"] == "error":
-                raise _child_error(message, limits, job, _tail(stderr))
-            examples, examples_dir = _collect_examples(
-                message.get("examples"), output_dir, owner_uid
-            )
-            return SandboxOutput(
-                result=message["result"],
-                examples=examples,
-                examples_dir=examples_dir,
-                hello=message.get("hello", {}),
-            )
+        request_r, request_w = os.pipe()  # evaluator -> model
+        answer_r, answer_w = os.pipe()  # model -> evaluator
+        report_r, report_w = os.pipe()  # evaluator -> this process
+        fds += [request_r, request_w, answer_r, answer_w, report_r, report_w]
+        gpu = job.device not in ("cpu",)
+        env = child_environment(limits.threads)
+        sandbox_model = SANDBOX_JOB / model_copy.name
+        model = _Process(
+            Role.MODEL,
+            bwrap_command(
+                Role.MODEL,
+                [str(request_r), str(answer_w)],
+                identity,
+                binds=[("--ro-bind", model_copy, sandbox_model)],
+                tmpfs_bytes=limits.tmpfs_bytes,
+                gpu=gpu,
+            ),
+            (request_r, answer_w),
+            env,
+        )
+        processes.append(model)
+        evaluator_binds: list[tuple[str, Path, Path]] = [
+            ("--bind", output_dir, SANDBOX_JOB / "out")
+        ]
+        if job.data_dir is not None:
+            evaluator_binds.append(("--ro-bind-try", job.data_dir, job.data_dir))
+        if job.benchmarks_file is not None:
+            evaluator_binds.append(("--ro-bind", job.benchmarks_file, job.benchmarks_file))
+        evaluator = _Process(
+            Role.EVALUATOR,
+            bwrap_command(
+                Role.EVALUATOR,
+                [str(answer_r), str(request_w), str(report_w)],
+                identity,
+                binds=evaluator_binds,
+                tmpfs_bytes=limits.tmpfs_bytes,
+                gpu=gpu,
+            ),
+            (answer_r, request_w, report_w),
+            env,
+        )
+        processes.append(evaluator)
+        # Each process holds its own ends now; ours of the report pipe is the only one left.
+        for fd in (request_r, request_w, answer_r, answer_w, report_w):
+            os.close(fd)
+            fds.remove(fd)
+        evaluator.send(_evaluator_job(job, limits, output_dir).model_dump_json().encode())
+        driver = _Driver(job, limits, model, evaluator, sandbox_model, on_progress)
+        report = driver.run(report_r, tick, tick_interval_s)
+        try:
+            result = check_result(report.result, job.benchmark)
+        except ResultRejected as exc:
+            raise SandboxFailure(
+                "internal",
+                "The evaluation returned a result outside the benchmark's bounds; it was not "
+                "recorded.",
+                detail=str(exc),
+            ) from exc
+        examples, examples_dir = _collect_examples(report.examples, output_dir, identity.uid)
+        return SandboxOutput(
+            result=result,
+            examples=examples,
+            examples_dir=examples_dir,
+            hello=driver.hello.model_dump() if driver.hello else {},
+        )
     finally:
-        if proc is not None and proc.returncode is None:
-            _kill_group(proc)
-        for fd in (read_fd, write_fd):
-            if fd >= 0:
-                os.close(fd)
+        for process in processes:
+            process.close()
+        for fd in fds:
+            os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _drive(
-    proc: subprocess.Popen[bytes],
-    read_fd: int,
-    limits: SandboxLimits,
-    on_progress: Callable[[dict[str, Any]], None] | None,
-    tick: Callable[[], bool] | None,
-    tick_interval_s: float,
-    stderr: Any,
-) -> dict[str, Any]:
-    """Read the child's lines until its result or error; enforce the deadline and stops."""
-    deadline = time.monotonic() + limits.deadline_s
-    next_tick = time.monotonic() + tick_interval_s
-    buffer = bytearray()
-    hello: dict[str, Any] = {}
-    eof = False
-    os.set_blocking(read_fd, False)
-    while True:
-        now = time.monotonic()
-        if now >= deadline:
-            _kill_group(proc)
-            raise SandboxFailure(
-                "deadline",
-                f"The evaluation did not finish within its time limit of "
-                f"{_duration(limits.deadline_s)} and was stopped. Make the model faster "
-                "(smaller, or fewer operations per image), or ask the operator for a longer "
-                "limit.",
-            )
-        if tick is not None and now >= next_tick:
-            next_tick = now + tick_interval_s
-            if tick():
-                _kill_group(proc)
-                raise SandboxStopped()
-        got_data = False
-        if not eof:
+def _evaluator_job(job: SandboxJob, limits: SandboxLimits, output_dir: Path) -> EvaluatorJob:
+    return EvaluatorJob(
+        benchmark=job.benchmark,
+        benchmarks_file=str(job.benchmarks_file) if job.benchmarks_file else None,
+        data_dir=str(job.data_dir) if job.data_dir else None,
+        device=job.device,
+        batch_size=job.batch_size,
+        bf16=job.bf16,
+        limit=job.limit,
+        options=job.options,
+        examples=job.examples,
+        output_dir=str(SANDBOX_JOB / output_dir.name),
+        threads=limits.threads,
+        memory_bytes=limits.memory_bytes,
+        open_files=limits.open_files,
+        file_bytes=limits.file_bytes,
+    )
+
+
+class _Driver:
+    """Reads the evaluator's reports until its result or error; enforces the deadline and
+    stops; hands the model process its configuration once the evaluator said hello."""
+
+    def __init__(
+        self,
+        job: SandboxJob,
+        limits: SandboxLimits,
+        model: _Process,
+        evaluator: _Process,
+        sandbox_model: Path,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.job = job
+        self.limits = limits
+        self.model = model
+        self.evaluator = evaluator
+        self.sandbox_model = sandbox_model
+        self.on_progress = on_progress
+        self.hello: Hello | None = None
+
+    def kill(self) -> None:
+        self.evaluator.kill()
+        self.model.kill()
+
+    def run(
+        self, report_fd: int, tick: Callable[[], bool] | None, tick_interval_s: float
+    ) -> ResultReport:
+        deadline = time.monotonic() + self.limits.deadline_s
+        next_tick = time.monotonic() + tick_interval_s
+        buffer = bytearray()
+        os.set_blocking(report_fd, False)
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                self.kill()
+                raise SandboxFailure(
+                    "deadline",
+                    f"The evaluation did not finish within its time limit of "
+                    f"{_duration(self.limits.deadline_s)} and was stopped. Make the model "
+                    "faster (smaller, or fewer operations per image), or ask the operator for "
+                    "a longer limit.",
+                )
+            if tick is not None and now >= next_tick:
+                next_tick = now + tick_interval_s
+                if tick():
+                    self.kill()
+                    raise SandboxStopped()
             wait = max(0.0, min(deadline, next_tick) - now)
-            ready, _, _ = select.select([read_fd], [], [], min(wait, 0.5))
+            ready, _, _ = select.select([report_fd], [], [], min(wait, 0.5))
+            eof = False
             if ready:
                 try:
-                    chunk = os.read(read_fd, 1 << 20)
+                    chunk = os.read(report_fd, 1 << 20)
                 except BlockingIOError:
                     chunk = b""
                 else:
                     eof = chunk == b""
-                got_data = bool(chunk)
                 buffer += chunk
-        else:
-            time.sleep(0.05)
-        while b"\n" in buffer:
-            line, _, rest = bytes(buffer).partition(b"\n")
-            buffer = bytearray(rest)
-            message = _parse(line, proc)
-            kind = message.get("type")
-            if kind == "hello":
-                hello = message
-                log.info(
-                    "sandbox pid %s on %s, network isolated: %s",
-                    message.get("pid"),
-                    message.get("device"),
-                    message.get("network_isolated"),
+            while b"\n" in buffer:
+                line, _, rest = bytes(buffer).partition(b"\n")
+                buffer = bytearray(rest)
+                final = self._handle(line)
+                if final is not None:
+                    return final
+            if len(buffer) > MAX_LINE_BYTES:
+                self.kill()
+                raise SandboxFailure(
+                    "internal",
+                    "The evaluation process sent an oversized report.",
+                    detail=f"a line over {MAX_LINE_BYTES} bytes",
                 )
-            elif kind == "progress":
-                if on_progress is not None:
-                    on_progress(message)
-            elif kind in ("result", "error"):
-                message["hello"] = hello
-                return message
-        if len(buffer) > MAX_LINE_BYTES:
-            _kill_group(proc)
+            if eof or (not ready and self.evaluator.proc.poll() is not None):
+                self.evaluator.proc.wait()
+                raise self._evaluator_died()
+
+    def _handle(self, line: bytes) -> ResultReport | None:
+        try:
+            report = REPORT.validate_json(line)
+        except ValidationError as exc:
+            self.kill()
             raise SandboxFailure(
                 "internal",
-                "The evaluation process sent an oversized report.",
-                detail=f"a line over {MAX_LINE_BYTES} bytes",
-            )
-        # Done when the pipe is closed, or when the child has exited and the pipe is drained
-        # (a grandchild may hold its write end open).
-        if eof or (proc.poll() is not None and not got_data):
-            proc.wait()
-            raise _died(proc.returncode, limits, _tail(stderr))
+                "The evaluation process sent a malformed report.",
+                detail=f"{exc}"[:500] + repr(line[:200]),
+            ) from None
+        if isinstance(report, Hello):
+            self.hello = report
+            log.info("sandbox on %s, network isolated: %s", report.device, report.network_isolated)
+            self.model.send(self._model_config(report).model_dump_json().encode())
+        elif isinstance(report, ProgressReport):
+            if self.on_progress is not None:
+                self.on_progress(report.model_dump())
+        elif isinstance(report, ErrorReport):
+            raise self._error(report)
+        elif isinstance(report, ResultReport):
+            return report
+        return None
 
-
-def _parse(line: bytes, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    try:
-        message = json.loads(line)
-    except ValueError:
-        message = None
-    if not isinstance(message, dict) or (
-        message.get("type") == "result" and not isinstance(message.get("result"), dict)
-    ):
-        _kill_group(proc)
-        raise SandboxFailure(
-            "internal",
-            "The evaluation process sent a malformed report.",
-            detail=repr(line[:200]),
+    def _model_config(self, hello: Hello) -> ModelProcessConfig:
+        return ModelProcessConfig(
+            model_path=str(self.sandbox_model),
+            model_format="export" if self.job.model_format == "export" else "safetensors",
+            architecture=self.job.architecture,
+            num_classes=hello.num_classes,
+            mean=self.job.mean,
+            std=self.job.std,
+            device=hello.device,
+            bf16=self.job.bf16,
+            threads=self.limits.threads,
+            memory_bytes=self.limits.memory_bytes,
+            open_files=self.limits.open_files,
+            file_bytes=self.limits.file_bytes,
         )
-    return message
+
+    def _error(self, report: ErrorReport) -> SandboxFailure:
+        if report.category is ErrorCategory.MODEL_DIED:
+            try:
+                self.model.proc.wait(_MODEL_EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.model.kill()
+            return _died(self.model.proc.returncode, self.limits, self.model.tail())
+        return _child_error(report, self.limits, self.job, self.model.tail())
+
+    def _evaluator_died(self) -> SandboxFailure:
+        return _died(self.evaluator.proc.returncode, self.limits, self.evaluator.tail())
 
 
 def _duration(seconds: float) -> str:
@@ -512,22 +694,20 @@ def _memory_message(limits: SandboxLimits, job: SandboxJob) -> str:
 
 
 def _child_error(
-    message: dict[str, Any], limits: SandboxLimits, job: SandboxJob, stderr: str
+    report: ErrorReport, limits: SandboxLimits, job: SandboxJob, stderr: str
 ) -> SandboxFailure:
-    category = str(message.get("category", "internal"))
-    text = str(message.get("message", ""))[:2000]
-    error = str(message.get("error", "Error"))[:100]
-    if category == "out_of_memory":
+    text = report.message[:2000]
+    if report.category is ErrorCategory.OUT_OF_MEMORY:
         return SandboxFailure("out_of_memory", _memory_message(limits, job), detail=text)
-    if category == "dataset":
+    if report.category is ErrorCategory.DATASET:
         return SandboxFailure(
             "dataset",
             f"The benchmark's dataset is not available on the worker, which the operator has "
             f"to fix; submit again once it is installed. ({text})",
             detail=text,
         )
-    if category == "model":
-        return SandboxFailure("model", _model_message(error, text), detail=stderr)
+    if report.category is ErrorCategory.MODEL:
+        return SandboxFailure("model", _model_message(report.error, text), detail=stderr)
     return SandboxFailure("internal", f"The evaluation failed: {text}", detail=stderr)
 
 
@@ -547,11 +727,20 @@ def _model_message(error: str, text: str) -> str:
     return f"The model raised an error while it was evaluated: {text}"
 
 
-def _died(returncode: int, limits: SandboxLimits, stderr: str) -> SandboxFailure:
-    """The child exited without a report."""
+def _died(returncode: int | None, limits: SandboxLimits, stderr: str) -> SandboxFailure:
+    """A sandboxed process exited without a report."""
+    if any(line.startswith(_SETUP_ERRORS) for line in stderr.splitlines()):
+        # bubblewrap, setpriv or unshare could not build the sandbox: nothing ran.
+        return SandboxFailure(
+            "internal",
+            "The worker cannot start its sandbox; the operator has to fix this (see the "
+            "worker's log).",
+            detail=stderr,
+        )
     lowered = stderr.lower()
     memory_words = ("memoryerror", "bad_alloc", "cannot allocate memory", "out of memory")
-    if returncode == -signal.SIGKILL or any(word in lowered for word in memory_words):
+    killed = returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+    if killed or any(word in lowered for word in memory_words):
         # A SIGKILL we did not send is the kernel's OOM killer (or the container's).
         cap = (
             f" (the limit is {limits.memory_bytes / 2**30:.1f} GiB)" if limits.memory_bytes else ""
@@ -563,7 +752,8 @@ def _died(returncode: int, limits: SandboxLimits, stderr: str) -> SandboxFailure
             "activations per image.",
             detail=stderr,
         )
-    how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+    code = returncode if returncode is not None else -1
+    how = f"signal {-code}" if code < 0 else f"exit status {code}"
     return SandboxFailure(
         "crashed",
         f"The evaluation process crashed ({how}) without reporting an error. If the model is "
