@@ -122,18 +122,6 @@ def test_same_file_other_benchmark_is_a_new_submission(
     assert len(stored_files(settings)) == 1  # one copy of the bytes
 
 
-def test_private_duplicate_of_another_user_is_a_conflict(
-    client: TestClient, alice: Account, bob: Account, model_files: ModelFiles,
-    test_db: TestDatabase,
-) -> None:  # fmt: skip
-    assert upload(client, model_files.weights(), alice, is_public="false").status_code == 202
-    response = upload(client, model_files.weights(), bob)
-    assert response.status_code == 409
-    assert response.json()["error"] == "conflict"
-    assert "another user" in response.json()["detail"]
-    assert submission_count(test_db) == 1
-
-
 def test_own_failed_duplicate_is_queued_again(
     client: TestClient, alice: Account, model_files: ModelFiles, test_db: TestDatabase,
     enqueued: Enqueued,
