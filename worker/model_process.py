@@ -15,6 +15,7 @@ model's code does here, it can only change the logits it answers, which the eval
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -25,7 +26,7 @@ from worker.channel import ChannelClosed, FrameChannel
 from worker.limits import apply_limits, limit_memory
 from worker.messages import FrameKind, ModelErrorCode, ModelProcessConfig, ModelProcessError
 
-__all__ = ["Runner", "main", "serve"]
+__all__ = ["LocalModelProcess", "Runner", "main", "serve"]
 
 _MAX_CONFIG_BYTES = 1 << 20
 
@@ -171,6 +172,42 @@ def main(argv: list[str]) -> int:
 def _load_code(exc: BaseException) -> ModelErrorCode:
     code = _code(exc)
     return code if code is ModelErrorCode.OUT_OF_MEMORY else ModelErrorCode.LOAD
+
+
+class LocalModelProcess:
+    """A model process started without the sandbox, for benchmarks and tests of the channel:
+    ``client`` is a `worker.channel.ModelClient` connected to it. Use as a context manager."""
+
+    def __init__(self, config: ModelProcessConfig) -> None:
+        import subprocess
+
+        from worker.channel import FrameChannel, ModelClient
+
+        request_r, request_w = os.pipe()
+        answer_r, answer_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.model_process", str(request_r), str(answer_w)],
+            stdin=subprocess.PIPE,
+            pass_fds=(request_r, answer_w),
+        )
+        os.close(request_r)
+        os.close(answer_w)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(config.model_dump_json().encode())
+        self.proc.stdin.close()
+        self.client = ModelClient(FrameChannel(answer_r, request_w), config.num_classes)
+
+    def __enter__(self) -> LocalModelProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.shutdown()
+        self.client.channel.close()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
 
 
 if __name__ == "__main__":

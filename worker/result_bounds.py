@@ -97,10 +97,37 @@ def _metrics(value: Any, images: int) -> dict[str, Any]:
         metric = _dict(metric, f"metrics.{key}")
         total = _int(metric.get("total"), 0, images, f"metrics.{key}.total")
         correct = _int(metric.get("correct"), 0, total, f"metrics.{key}.correct")
-        # Recomputed, never taken as sent.
-        out[key] = {"accuracy": correct / total if total else None, "correct": correct,
+        if "images" in metric:
+            _int(metric["images"], 0, images, f"metrics.{key}.images")
+        # Further fields a metric records (its settings, its subset) pass as plain values;
+        # the accuracy is recomputed, never taken as sent.
+        extra = _plain(metric, f"metrics.{key}")
+        out[key] = {**extra, "accuracy": correct / total if total else None, "correct": correct,
                     "total": total}  # fmt: skip
     return out
+
+
+def _plain(value: Any, what: str, depth: int = 0) -> Any:
+    """A JSON value of bounded depth and size: capped strings, finite numbers."""
+    if depth > 4:
+        raise ResultRejected(f"{what} is nested too deeply")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return _int(value, -(2**63), 2**64, what)
+    if isinstance(value, float):
+        return _float(value, -1e18, 1e18, what)
+    if isinstance(value, str):
+        return value[:MAX_TEXT]
+    if isinstance(value, list):
+        if len(value) > MAX_IMAGES:
+            raise ResultRejected(f"{what} is too long")
+        return [_plain(v, what, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if len(value) > 64:
+            raise ResultRejected(f"{what} has too many entries")
+        return {_key(k, what): _plain(v, f"{what}.{k}", depth + 1) for k, v in value.items()}
+    raise ResultRejected(f"{what} has an unexpected type")
 
 
 def _landscape(value: Any, grid: list[int], points: int, images: int) -> dict[str, Any] | None:

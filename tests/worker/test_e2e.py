@@ -95,7 +95,7 @@ def _sandbox_pids(worker: WorkerProcess) -> list[int]:
             ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if b"worker.sandbox_child" in cmdline and ppid in pool:
+        if b"worker.evaluator_process" in cmdline and ppid in pool:
             found.append(int(entry))
     return found
 

@@ -1,7 +1,9 @@
-"""The sandbox: what the child can see, how long it may run, and what its failures say."""
+"""The sandbox: two bubblewrap processes, what they can see, how long they may run, what their
+failures say, and the bounds on what comes back."""
 
 from __future__ import annotations
 
+import copy
 import os
 import pwd
 import subprocess
@@ -11,13 +13,19 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark
 from evaluator.data import load_dataset, resolve_benchmark
+from evaluator.errors import ModelNotDifferentiableError
 from evaluator.evaluate import EvalOptions, evaluate
 from evaluator.models.loading import load_model
 from tests.worker.helpers import ROOT, export_file, small_cnn_file
+from worker.channel import RemoteModel
+from worker.messages import ModelProcessConfig
+from worker.model_process import LocalModelProcess
+from worker.result_bounds import ResultRejected, check_result
 from worker.sandbox import (
     SandboxFailure,
     SandboxJob,
@@ -28,7 +36,8 @@ from worker.sandbox import (
     run_sandboxed,
 )
 
-LIMITS = SandboxLimits(deadline_s=120, threads=1, user=None, memory_bytes=8 * 2**30)
+LIMITS = SandboxLimits(deadline_s=120, threads=1, memory_bytes=8 * 2**30)
+SANDBOX_MODULES = (b"worker.model_process", b"worker.evaluator_process")
 
 
 def _job(model: Path, **overrides: Any) -> SandboxJob:
@@ -45,28 +54,43 @@ def _job(model: Path, **overrides: Any) -> SandboxJob:
     return SandboxJob(**fields)
 
 
-def _children() -> list[int]:
-    """Live processes whose parent is this test process."""
-    found = []
+def _processes() -> dict[int, tuple[int, str, bytes]]:
+    """pid -> (parent pid, state, cmdline) of every process on this machine."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+        table[int(entry)] = (int(fields[1]), fields[0], cmdline)
+    return table
 
 
-def _sandbox_children() -> list[int]:
-    return [
-        pid
-        for pid in _children()
-        if b"worker.sandbox_child" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
+def _sandboxed_pythons() -> dict[int, bytes]:
+    """pid -> cmdline of the sandboxed interpreters this test process started (not bwrap;
+    other sessions' sandboxes on the same machine are not ours)."""
+    table = _processes()
+
+    def ours(pid: int) -> bool:
+        for _ in range(16):
+            if pid not in table:
+                return False
+            pid = table[pid][0]
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {
+        pid: cmdline
+        for pid, (_ppid, state, cmdline) in table.items()
+        if state != "Z"
+        and b"python" in cmdline.split(b"\0", 1)[0]
+        and any(m in cmdline for m in SANDBOX_MODULES)
+        and ours(pid)
+    }
 
 
 def _failure(job: SandboxJob, limits: SandboxLimits = LIMITS) -> SandboxFailure:
@@ -76,73 +100,89 @@ def _failure(job: SandboxJob, limits: SandboxLimits = LIMITS) -> SandboxFailure:
 
 
 def test_the_result_equals_the_evaluator_run_directly(trained_model: Path) -> None:
-    model = trained_model
-    out = run_sandboxed(_job(model, limit=8), LIMITS)
+    out = run_sandboxed(_job(trained_model, limit=8), LIMITS)
 
     torch.set_num_threads(1)
     spec = get_benchmark("digits")
     dataset = load_dataset(spec)
     spec = resolve_benchmark(spec, dataset)
-    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
+    classifier = Classifier(load_model(trained_model, arch="small_cnn"), 10, batch_size=256)
     direct = evaluate(classifier, dataset, spec, EvalOptions(limit=8)).to_dict()
     assert out.result["metrics"] == direct["metrics"]
     assert out.result["per_image"] == direct["per_image"]
     assert out.result["landscape"] == direct["landscape"]
     assert out.hello["device"] == "cpu"
-    assert _sandbox_children() == []
+    assert out.hello["network_isolated"] is True
+    assert _sandboxed_pythons() == {}
 
 
-def test_the_child_sees_none_of_the_parents_environment_and_stops_on_request(
+def test_options_flow_to_the_evaluator_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    model = small_cnn_file(tmp_path / "m.safetensors")
+    out = run_sandboxed(_job(model, options={"metrics": ["natural", "grid"]}), LIMITS)
+    assert {"natural", "grid"} <= set(out.result["metrics"])
+    assert "random" not in out.result["metrics"] and "vote_natural" not in out.result["metrics"]
+    failure = _failure(_job(model, options={"bogus": 1}))
+    assert failure.kind == "internal"
+    assert "unknown evaluation options: bogus" in failure.message
+
+
+def test_both_processes_see_none_of_the_parents_environment_run_unprivileged_and_stop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SPATIALBENCH_DATABASE_URL", "postgresql://u:hunter2@db/x")
     monkeypatch.setenv("SPATIALBENCH_SECRET_KEY", "hunter2")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
-    environments: list[bytes] = []
-    seen: list[int] = []
+    seen: dict[int, tuple[bytes, bytes, str]] = {}
 
     def peek_then_stop() -> bool:
-        for pid in _sandbox_children():
-            seen.append(pid)
+        for pid, cmdline in _sandboxed_pythons().items():
             try:
-                environments.append(Path(f"/proc/{pid}/environ").read_bytes())
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+                status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
-                pass
-        return bool(environments)
+                continue
+            uid = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            seen[pid] = (cmdline, environ, uid)
+        roles = {m for cmdline, _, _ in seen.values() for m in SANDBOX_MODULES if m in cmdline}
+        return len(roles) == 2
 
     model = export_file(tmp_path / "slow.pt2", "slow")
     with pytest.raises(SandboxStopped):
         run_sandboxed(_job(model, limit=500), LIMITS, tick=peek_then_stop, tick_interval_s=0.1)
-    names = {item.split(b"=", 1)[0].decode() for item in environments[-1].split(b"\0") if item}
-    assert b"hunter2" not in environments[-1]
-    assert not any(name.startswith("SPATIALBENCH") for name in names)
-    assert "PATH" not in names
-    assert names <= {
-        "PYTHONPATH",
-        "PYTHONDONTWRITEBYTECODE",
-        "PYTHONNOUSERSITE",
-        "HOME",
-        "TMPDIR",
-        "LANG",
-        "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS",
-        "CUDA_VISIBLE_DEVICES",
-        "LD_LIBRARY_PATH",
-        "NVIDIA_VISIBLE_DEVICES",
-        "TZ",
-    }
-    # Stopped: the child is gone (not even a zombie is left to us).
-    assert _sandbox_children() == []
+    assert len(seen) >= 2
+    for _cmdline, environ, uid in seen.values():
+        names = {item.split(b"=", 1)[0].decode() for item in environ.split(b"\0") if item}
+        assert b"hunter2" not in environ
+        assert not any(name.startswith("SPATIALBENCH") for name in names)
+        assert names <= {
+            "PYTHONPATH",
+            "PYTHONDONTWRITEBYTECODE",
+            "PYTHONNOUSERSITE",
+            "HOME",
+            "TMPDIR",
+            "LANG",
+            "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "CUDA_VISIBLE_DEVICES",
+            "LD_LIBRARY_PATH",
+            "NVIDIA_VISIBLE_DEVICES",
+            "TZ",
+        }
+        if os.geteuid() == 0:  # never the worker's root: the sandbox user, on the host too
+            nobody = str(pwd.getpwnam("nobody").pw_uid)
+            assert uid.split()[1:] == [nobody] * 4
+    # Stopped: both are gone.
+    assert _sandboxed_pythons() == {}
     assert all(not Path(f"/proc/{pid}").exists() for pid in seen)
 
 
-def test_the_deadline_kills_the_child(tmp_path: Path) -> None:
+def test_the_deadline_kills_both_processes(tmp_path: Path) -> None:
     model = export_file(tmp_path / "slow.pt2", "slow")
-    limits = SandboxLimits(deadline_s=4, threads=1, user=None)
+    limits = SandboxLimits(deadline_s=6, threads=1)
     failure = _failure(_job(model, limit=500), limits)
     assert failure.kind == "deadline"
-    assert "time limit of 4 s" in failure.message
-    assert _sandbox_children() == []
+    assert "time limit of 6 s" in failure.message
+    assert _sandboxed_pythons() == {}
 
 
 def test_nan_logits_fail_with_a_message(tmp_path: Path) -> None:
@@ -168,7 +208,7 @@ def test_weights_for_another_architecture_fail_with_a_message(tmp_path: Path) ->
 
 def test_running_out_of_memory_fails_with_a_message(tmp_path: Path) -> None:
     model = export_file(tmp_path / "memory.pt2", "memory")
-    limits = SandboxLimits(deadline_s=120, threads=1, user=None, memory_bytes=6 * 2**30)
+    limits = SandboxLimits(deadline_s=120, threads=1, memory_bytes=6 * 2**30)
     failure = _failure(_job(model), limits)
     assert failure.kind == "out_of_memory"
     assert "ran out of memory (the limit is 6.0 GiB" in failure.message
@@ -182,6 +222,25 @@ def test_a_missing_dataset_says_so(tmp_path: Path) -> None:
     assert "cifar-10-batches-py" in failure.message
 
 
+def test_a_sandbox_that_cannot_start_fails_the_job_and_runs_nothing(tmp_path: Path) -> None:
+    model = small_cnn_file(tmp_path / "m.safetensors")
+    # bubblewrap refuses to mount a file that is not there: nothing may run without it.
+    failure = _failure(_job(model, benchmarks_file=tmp_path / "missing.toml"))
+    assert failure.kind == "internal"
+    assert "cannot start its sandbox" in failure.message
+    assert "bwrap" in failure.detail
+    assert _sandboxed_pythons() == {}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox user applies to a root worker")
+def test_a_root_worker_never_runs_the_sandbox_as_root(tmp_path: Path) -> None:
+    model = small_cnn_file(tmp_path / "m.safetensors")
+    for user in ("root", "no-such-user"):
+        failure = _failure(_job(model), SandboxLimits(deadline_s=60, threads=1, user=user))
+        assert failure.kind == "internal"
+        assert "misconfigured" in failure.message
+
+
 def test_example_files_that_are_links_are_dropped(tmp_path: Path) -> None:
     source = tmp_path / "out"
     source.mkdir()
@@ -191,10 +250,12 @@ def test_example_files_that_are_links_are_dropped(tmp_path: Path) -> None:
     (source / "00_transformed.png").write_bytes(b"\x89PNG\r\n\x1a\nfine")
     (source / "01_original.png").write_bytes(b"\x89PNG\r\n\x1a\nfine")
     (source / "01_transformed.png").write_bytes(b"GIF89a")
+    point = {"theta": 0.0, "dx": 0.0, "dy": 0.0}
+    base = {"index": 0, "label": 0, "pred": 0, "fooled": True, "point": point, "fool_pred": 1}
     examples = [
-        {"original": f"{n:02d}_original.png", "transformed": f"{n:02d}_transformed.png"}
+        {**base, "original": f"{n:02d}_original.png", "transformed": f"{n:02d}_transformed.png"}
         for n in range(2)
-    ] + [{"original": "../../etc/passwd", "transformed": "00_transformed.png"}]
+    ] + [{**base, "original": "../../etc/passwd", "transformed": "00_transformed.png"}]
     kept, folder = _collect_examples(examples, source, os.getuid())
     assert (kept, folder) == ([], None)
 
@@ -210,53 +271,115 @@ def test_folders_of_dead_workers_are_removed(tmp_path: Path) -> None:
     assert alive.exists() and not abandoned.exists()
 
 
-def _nobody_can_run_python() -> bool:
-    if os.geteuid() != 0:
-        return False
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        return False
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", "import torch"],
-            user=nobody.pw_uid,
-            group=nobody.pw_gid,
-            extra_groups=[],
-            cwd="/",
-            env={"PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            timeout=60,
-        )
-    except (PermissionError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-@pytest.mark.skipif(
-    not _nobody_can_run_python(),
-    reason="needs root, and an interpreter the user 'nobody' can run",
-)
-def test_as_root_the_child_runs_as_nobody(tmp_path: Path) -> None:
-    uids: list[str] = []
-
-    def peek() -> bool:
-        for pid in _sandbox_children():
-            status = Path(f"/proc/{pid}/status").read_text()
-            uids.extend(line for line in status.splitlines() if line.startswith("Uid:"))
-        return False
-
-    model = small_cnn_file(tmp_path / "m.safetensors")
-    limits = SandboxLimits(deadline_s=120, threads=1, user="nobody")
-    out = run_sandboxed(_job(model), limits, tick=peek, tick_interval_s=0.2)
-    assert out.result["metrics"]["natural"]["total"] == 4
-    nobody = pwd.getpwnam("nobody").pw_uid
-    assert uids and all(line.split()[1] == str(nobody) for line in uids)
-
-
 def test_the_worker_process_never_imports_torch() -> None:
     code = (
         "import sys, worker.tasks, worker.runner, worker.sandbox, worker.reaper, worker.cli;"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# --- The remote model: logits and gradients across the channel ---------------------------------
+
+
+class _Argmax(nn.Module):
+    """Logits that are a step function of the input: no gradient to give."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.one_hot(x.mean(dim=(1, 2, 3)).gt(0.5).long(), 10).float()
+
+
+def test_remote_logits_and_gradients_equal_the_model_run_in_process(tmp_path: Path) -> None:
+    weights = small_cnn_file(tmp_path / "m.safetensors")
+    config = ModelProcessConfig(
+        model_path=str(weights), model_format="safetensors", architecture="small_cnn",
+        num_classes=10, threads=1,
+    )  # fmt: skip
+    local = load_model(weights, arch="small_cnn", num_classes=10)
+    x = torch.rand(5, 3, 32, 32)
+    with LocalModelProcess(config) as process:
+        remote = RemoteModel(process.client)
+        client_images = x.clone().requires_grad_(True)
+        logits = remote(client_images)
+        torch.nn.functional.cross_entropy(logits, torch.arange(5)).backward()
+    local_images = x.clone().requires_grad_(True)
+    expected = local(local_images)
+    torch.nn.functional.cross_entropy(expected, torch.arange(5)).backward()
+    torch.testing.assert_close(logits.detach(), expected.detach())
+    assert client_images.grad is not None and local_images.grad is not None
+    torch.testing.assert_close(client_images.grad, local_images.grad)
+
+
+def test_a_model_without_gradients_raises_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "argmax.pt2"
+    program = torch.export.export(
+        _Argmax().eval(),
+        (torch.rand(2, 3, 32, 32),),
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    torch.export.save(program, str(path))
+    config = ModelProcessConfig(
+        model_path=str(path), model_format="export", num_classes=10, threads=1
+    )
+    with LocalModelProcess(config) as process:
+        remote = RemoteModel(process.client)
+        assert remote(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+        images = torch.rand(3, 3, 32, 32, requires_grad=True)
+        with pytest.raises(ModelNotDifferentiableError):
+            remote(images).sum().backward()
+
+
+# --- Bounds on what comes back -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    model = small_cnn_file(tmp_path_factory.mktemp("m") / "m.safetensors")
+    torch.set_num_threads(1)
+    spec = get_benchmark("digits")
+    dataset = load_dataset(spec)
+    spec = resolve_benchmark(spec, dataset)
+    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
+    options = EvalOptions(limit=4, metrics=frozenset({"natural", "grid"}))  # type: ignore[arg-type]
+    return evaluate(classifier, dataset, spec, options).to_dict()
+
+
+def _tampered(result: dict[str, Any], change: Any) -> dict[str, Any]:
+    copied = copy.deepcopy(result)
+    change(copied)
+    return copied
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: r["metrics"]["grid"].update(correct=5, total=4),
+        lambda r: r["metrics"]["grid"].update(correct=-1),
+        lambda r: r["metrics"]["natural"].update(total=10**9),
+        lambda r: r["landscape"].update(shape=[31, 5, 4]),
+        lambda r: r["landscape"].update(correct=r["landscape"]["correct"][:-1]),
+        lambda r: r["landscape"]["correct"].__setitem__(0, 10**6),
+        lambda r: r["per_image"]["grid_fool_count"].__setitem__(0, 300_000),
+        lambda r: r["per_image"]["label"].append(0),
+        lambda r: r["benchmark"].update(name="cifar10"),
+        lambda r: r["cost"].update(wall_time_s=float("nan")),
+        lambda r: r["config"].update(grid=[1, 1, 1]),
+    ],
+)
+def test_out_of_bounds_values_are_rejected(real_result: dict[str, Any], change: Any) -> None:
+    assert check_result(real_result, "digits")["metrics"] == real_result["metrics"]
+    with pytest.raises(ResultRejected):
+        check_result(_tampered(real_result, change), "digits")
+
+
+def test_accuracies_are_recomputed_and_strings_capped(real_result: dict[str, Any]) -> None:
+    def change(r: dict[str, Any]) -> None:
+        r["metrics"]["grid"]["accuracy"] = 1.0
+        r["cost"]["device"] = "x" * 100_000
+        r["landscape"]["accuracy"] = [[[1.0] * 5] * 5] * 31
+
+    checked = check_result(_tampered(real_result, change), "digits")
+    grid = real_result["metrics"]["grid"]
+    assert checked["metrics"]["grid"]["accuracy"] == grid["correct"] / grid["total"]
+    assert len(checked["cost"]["device"]) == 200
+    assert checked["landscape"]["accuracy"] == real_result["landscape"]["accuracy"]
