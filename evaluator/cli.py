@@ -175,6 +175,13 @@ def evaluate(
     weights: Annotated[Path | None, typer.Option(help="safetensors weights for --arch")] = None,
     arch: Annotated[str | None, typer.Option(help="registry architecture of --weights")] = None,
     model: Annotated[Path | None, typer.Option(help="a torch.export archive (.pt2)")] = None,
+    allow_pickled_weights: Annotated[
+        bool,
+        typer.Option(
+            help="your own .pt2 only: read weights torch.export.save stored with pickle "
+            "(tensor subclasses), through torch's weights_only unpickler; the service refuses them"
+        ),
+    ] = False,
     data_dir: DataDirOption = None,
     benchmarks_file: Annotated[
         Path | None, typer.Option(help="TOML file with [benchmarks.NAME] tables")
@@ -251,6 +258,7 @@ def evaluate(
             mean=parse_floats(mean, "--mean"),
             std=parse_floats(std, "--std"),
             device=dev,
+            allow_pickled_weights=allow_pickled_weights,
         )
         if dev == "cpu":
             torch.set_num_threads(torch.get_num_threads())

@@ -7,8 +7,10 @@ checks is moved to ``<storage_dir>/<sha256[:2]>/<sha256>`` with an atomic rename
 outcome deletes the temporary file.
 
 The checks never unpickle: safetensors headers and tensors are read by ``safetensors``, and a
-torch.export archive is only inspected as a zip (``check_export_archive``); it is opened for
-real only inside the worker's sandbox.
+torch.export archive is inspected as a zip plus its JSON program (``check_export_archive``);
+archives that would need pickle are refused. Its pickled sample inputs, which nothing reads, are
+cut out of the stored copy (``strip_sample_inputs``, zip handling only). The program runs only
+inside the worker's sandbox.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from evaluator.models.loading import (
     check_safetensors,
     detect_format,
 )
+from evaluator.models.pt2 import strip_sample_inputs
 from evaluator.models.registry import ArchitectureSpec, get_architecture
 from spatialbench.settings import Settings
 
@@ -259,8 +262,11 @@ def check_model_file(
     """Check a staged model file for ``benchmark``; returns its format.
 
     safetensors: needs ``architecture``; keys, shapes, dtypes and finiteness must fit it with
-    the benchmark's number of classes. torch.export: the zip layout and declared size are
-    checked (``architecture`` must be empty). Raises the evaluator's ``ModelFormatError`` /
+    the benchmark's number of classes. torch.export (``architecture`` must be empty): the zip,
+    the weights' layout and the program are checked without unpickling or running anything,
+    and the pickled sample inputs are then removed from the staged file, so the stored archive
+    holds only JSON and raw tensor bytes (the submission keeps the uploaded file's sha256 and
+    size, which identify the upload). Raises the evaluator's ``ModelFormatError`` /
     ``WeightsMismatchError`` / ``UnknownArchitectureError`` or ``InvalidInput``. CPU-bound
     (reads every tensor): call it from a worker thread.
     """
@@ -282,6 +288,7 @@ def check_model_file(
             "field 'architecture' empty (it applies to safetensors weights only)."
         )
     check_export_archive(path, max_bytes=max_unpacked_bytes)
+    strip_sample_inputs(path)
     return ModelFormatName.EXPORT
 
 

@@ -257,6 +257,8 @@ def _member_kind(rel: str) -> str | None:
 
 
 def _unknown_member_reason(rel: str) -> str:
+    if rel.endswith(".pkl"):
+        return "a pickle (torch.save or the pickle module), which SpatialBench never loads"
     if rel.startswith(pt2.CONSTANTS_DIR) and (
         rel[len(pt2.CONSTANTS_DIR) :].startswith(
             (pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)
