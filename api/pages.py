@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -33,11 +34,13 @@ import jinja2
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import plots
 from api.deps import SessionDep, SettingsDep, base_url
-from api.errors import NotFound
+from api.errors import DatabaseUnavailable, NotFound
 from api.schemas import LeaderboardPage, SortKey, SortOrder, as_utc
 from api.services.benchmarks import benchmark_public, get_benchmark, list_benchmarks
 from api.services.leaderboard import MAX_PER_PAGE, default_order, leaderboard
@@ -73,6 +76,7 @@ HTML_HEADERS = {
 }
 
 router = APIRouter(include_in_schema=False)
+log = logging.getLogger(__name__)
 
 
 # --- What the metrics mean (written once, used by every page) ---------------------------------
@@ -236,6 +240,13 @@ def not_found_page(request: Request, message: str) -> HTMLResponse:
     return render(request, "404.html", {"message": message}, status_code=404)
 
 
+def unavailable_page(request: Request) -> HTMLResponse:
+    error = DatabaseUnavailable()
+    response = render(request, "503.html", {"message": error.detail}, status_code=503)
+    response.headers.update(error.headers)
+    return response
+
+
 def _wants_html(request: Request) -> bool:
     return not request.url.path.startswith("/api/") and "text/html" in request.headers.get(
         "accept", ""
@@ -243,9 +254,10 @@ def _wants_html(request: Request) -> bool:
 
 
 def install_pages(app: FastAPI) -> None:
-    """Add the pages, their static files and the HTML 404 page to ``app`` (after the API's
-    error handlers are installed: a browser asking for an unknown page outside ``/api`` gets
-    the HTML 404 page, everything else keeps the API's JSON errors)."""
+    """Add the pages, their static files and the HTML 404 and 503 pages to ``app`` (after the
+    API's error handlers are installed: a browser asking for an unknown page outside ``/api``
+    gets the HTML 404 page, a page whose database is down the HTML 503 page, everything else
+    keeps the API's JSON errors)."""
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.state.plot_cache = plots.PlotCache()
@@ -266,6 +278,19 @@ def install_pages(app: FastAPI) -> None:
 
     app.add_exception_handler(PageNotFound, page_not_found)
     app.add_exception_handler(StarletteHTTPException, http_error)
+
+    # A page whose database is down answers an HTML 503 (the API keeps its JSON one).
+    json_database_error = app.exception_handlers[DBAPIError]
+    page_endpoints = {route.endpoint for route in router.routes}  # type: ignore[attr-defined]
+
+    async def database_error(request: Request, exc: Exception) -> Response:
+        response: Response = await json_database_error(request, exc)
+        if response.status_code == 503 and request.scope.get("endpoint") in page_endpoints:
+            return unavailable_page(request)
+        return response
+
+    app.add_exception_handler(DBAPIError, database_error)
+    app.add_exception_handler(PoolTimeoutError, database_error)
 
 
 def _benchmark(name: str, settings: Settings) -> BenchmarkSpec:
@@ -597,25 +622,47 @@ def submission_page(
         "refresh_s": REFRESH_S,
         "curl": f"curl -s {base_url(request)}{status_url(submission.id)}",
     }
-    if evaluation is not None:
-        config = evaluation.config or {}
-        cost = evaluation.cost or {}
-        context.update(
-            metrics=_metric_rows(evaluation),
-            has_landscape=_has_landscape(evaluation),
-            has_histogram=_has_fool_counts(evaluation),
-            examples=_examples(submission, evaluation),
-            config=config,
-            cost=cost,
-            landscape_images=(evaluation.landscape or {}).get("images"),
-            grid_shape=(evaluation.landscape or {}).get("shape") or config.get("grid") or [],
-            by_phase={
-                k: v
-                for k, v in (cost.get("forward_passes_by_phase") or {}).items()
-                if k != "total"
-            },
-        )
-    return render(request, "submission.html", context)
+    if evaluation is None:
+        return render(request, "submission.html", context)
+    try:
+        return render(request, "submission.html", _result_context(submission, evaluation, context))
+    except _MALFORMED as exc:
+        # A stored result this page cannot show: say so rather than answer 500.
+        log.warning("the stored result of %s cannot be shown: %r", submission.id, exc)
+        context.update(evaluation=None, result_error=RESULT_ERROR)
+        return render(request, "submission.html", context)
+
+
+# What a malformed stored result raises while the page is built or rendered.
+_MALFORMED = (TypeError, ValueError, AttributeError, KeyError, OverflowError, jinja2.TemplateError)
+RESULT_ERROR = (
+    "This submission's stored result is malformed and cannot be shown. The operator has been "
+    "told; evaluating the model again will replace it."
+)
+
+
+def _result_context(
+    submission: Submission, evaluation: Evaluation, context: dict[str, Any]
+) -> dict[str, Any]:
+    context = dict(context)
+    config = evaluation.config or {}
+    cost = evaluation.cost or {}
+    context.update(
+        metrics=_metric_rows(evaluation),
+        has_landscape=_has_landscape(evaluation),
+        has_histogram=_has_fool_counts(evaluation),
+        examples=_examples(submission, evaluation),
+        config=config,
+        cost=cost,
+        landscape_images=(evaluation.landscape or {}).get("images"),
+        grid_shape=(evaluation.landscape or {}).get("shape") or config.get("grid") or [],
+        by_phase={
+            k: v
+            for k, v in (cost.get("forward_passes_by_phase") or {}).items()
+            if k != "total"
+        },
+    )
+    return context
 
 
 def _plot(
@@ -637,6 +684,8 @@ def _plot(
         svg = cache.get(key, lambda: draw(evaluation))
     except plots.PlotUnavailable as exc:
         raise PageNotFound(f"This plot is not available: {exc}.") from None
+    except _MALFORMED:
+        raise PageNotFound("This plot is not available: the stored result is malformed.") from None
     return Response(svg, media_type="image/svg+xml", headers=headers)
 
 

@@ -6,11 +6,17 @@ needs no server (kombu's SQLAlchemy transport on another SQLite file) and the up
 and a worker (``spatialbench worker``, a subprocess), and stops both on Ctrl-C; ``demo``
 reuses it. With ``--no-worker --no-local-user`` it is the API alone, as the API container
 runs it in production (it still applies the migrations first).
+
+One embedded service per state folder: it holds an ``flock`` on ``STATE_DIR/serve.lock`` for
+its life (the worker inherits it), so a second ``serve`` on the same folder refuses to start,
+and a killed one frees it with its last process. Everything serve starts dies with it, even on
+``kill -9``: the worker watches a pipe whose other end only serve holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -32,10 +38,46 @@ LOCAL_USER = "local"
 # the only copy; the file is readable by its owner only).
 TOKEN_FILE = "local-token"
 WORKER_STOP_TIMEOUT_S = 10.0
+LOCK_FILE = "serve.lock"
+# A restart right after a crash may find the old worker still dying: wait this long for it.
+LOCK_WAIT_S = 5.0
+# The evaluation yields the CPU to the API: a page or a status poll must not wait behind it.
+WORKER_NICENESS = 10
 
 
 def _err(message: str) -> None:
     typer.echo(message, err=True)
+
+
+class StateDirInUse(RuntimeError):
+    """Another embedded service holds the state folder."""
+
+
+def lock_state_dir(state_dir: Path, wait_s: float = LOCK_WAIT_S) -> int:
+    """Hold ``STATE_DIR/serve.lock`` (an ``flock``, released when the last process holding the
+    returned descriptor ends, however it ends) and write our pid into it; `StateDirInUse` if
+    another service holds it for longer than ``wait_s``."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise StateDirInUse(
+                    f"the state directory {state_dir.resolve()} is in use by another "
+                    f"`spatialbench serve` (pid {holder}); stop that one first, or give this "
+                    "one its own --state-dir"
+                ) from None
+            time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def prepare_state(settings: Settings) -> None:
@@ -125,6 +167,9 @@ class EmbeddedService:
         self.server: object | None = None
         self.thread: threading.Thread | None = None
         self.worker: subprocess.Popen[bytes] | None = None
+        self.lock_fd: int | None = None
+        # Serve's end of the worker's lifeline; closed (by the kernel, if need be) when serve ends.
+        self.lifeline: int | None = None
 
     @property
     def url(self) -> str:
@@ -136,6 +181,10 @@ class EmbeddedService:
 
         from api.app import create_app
 
+        # The embedded database and a worker are what two services must not share; an API
+        # alone on a server database (production's API containers) may run many times over.
+        if self.with_worker or self.settings.is_sqlite:
+            self.lock_fd = lock_state_dir(self.settings.state_dir)
         prepare_state(self.settings)
         config = uvicorn.Config(
             create_app(self.settings),
@@ -157,7 +206,9 @@ class EmbeddedService:
                 raise RuntimeError(f"the API did not start within {timeout:.0f} s")
             time.sleep(0.05)
         if self.with_worker:
-            self.worker = start_worker()
+            self.worker, self.lifeline = start_worker(
+                lock_fd=self.lock_fd, threads=worker_threads(self.settings)
+            )
 
     def wait(self) -> None:
         """Block until Ctrl-C, or until the API or the worker stops by itself."""
@@ -179,9 +230,15 @@ class EmbeddedService:
         if self.worker is not None:
             stop_worker(self.worker)
             self.worker = None
+        if self.lifeline is not None:
+            os.close(self.lifeline)
+            self.lifeline = None
         if self.thread is not None:
             self.thread.join(timeout=10)
             self.thread = None
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[EmbeddedService]:
@@ -199,21 +256,72 @@ def _stderr_fd() -> int | None:
         return None
 
 
-def start_worker(concurrency: int = 1) -> subprocess.Popen[bytes]:
+def worker_threads(settings: Settings) -> int:
+    """CPU threads of the embedded evaluation: the operator's setting, else all cores but one,
+    which stays with the API."""
+    if settings.sandbox_threads is not None:
+        return settings.sandbox_threads
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def start_worker(
+    concurrency: int = 1, *, lock_fd: int | None = None, threads: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     """``spatialbench worker`` as a subprocess in its own process group, with this process's
     environment (so the same settings); its output goes to our stderr, leaving stdout to the
-    instructions."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from spatialbench.cli import main; main()",
-            "worker",
-            f"--concurrency={concurrency}",
-        ],
-        stdout=_stderr_fd(),
-        start_new_session=True,
-    )
+    instructions. Returns the process and our end of its lifeline: the worker's whole process
+    group dies when that descriptor closes (`worker_main`). ``lock_fd`` (the state folder's
+    lock) is shared with it, so the folder stays locked while any of it lives."""
+    read_end, write_end = os.pipe()  # both ends close on exec: only what pass_fds names is passed
+    env = dict(os.environ)
+    if threads is not None:
+        env["SPATIALBENCH_SANDBOX_THREADS"] = str(threads)
+    passed = [read_end] if lock_fd is None else [read_end, lock_fd]
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from spatialbench.serve import worker_main; worker_main()",
+                str(read_end),
+                "worker",
+                f"--concurrency={concurrency}",
+            ],
+            stdout=_stderr_fd(),
+            start_new_session=True,
+            pass_fds=passed,
+            env=env,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return proc, write_end
+
+
+def _kill_group_when_closed(fd: int) -> None:
+    """Block until every writer of the pipe ``fd`` is gone (serve ended, even by SIGKILL), then
+    SIGKILL this process group: the Celery worker and its pool (the sandboxed evaluation dies
+    with its pool process by its own death signal)."""
+    while os.read(fd, 1):
+        pass
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def worker_main() -> None:
+    """The worker subprocess of serve: ``python -c '...worker_main()' LIFELINE_FD worker ...``.
+
+    The watchdog thread lives in the Celery main process only (a fork copies just the forking
+    thread), which is enough: killing the process group takes the pool with it."""
+    fd = int(sys.argv.pop(1))
+    threading.Thread(
+        target=_kill_group_when_closed, args=(fd,), name="serve-lifeline", daemon=True
+    ).start()
+    os.nice(WORKER_NICENESS)
+    from spatialbench.cli import main
+
+    main()
 
 
 def stop_worker(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
@@ -257,7 +365,7 @@ def start_embedded(
     service = EmbeddedService(settings, host=host, port=port, worker=worker, log_level=log_level)
     try:
         service.start()
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # StateDirInUse among them
         _err(f"error: {exc}")
         raise typer.Exit(1) from None
     return service
