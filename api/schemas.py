@@ -81,6 +81,13 @@ def _floats(value: Any) -> list[float] | None:
     return numbers
 
 
+# Normalisation divides float32 images in [0, 1]: a std below MIN_STD divides by (nearly)
+# zero (1e-320 is 0 in float32), and values past these bounds are typos, not statistics.
+MIN_STD = 1e-6
+MAX_STD = 1e3
+MAX_ABS_MEAN = 1e3
+
+
 class SubmissionCreate(BaseModel):
     """The metadata of an upload (the multipart form's text fields)."""
 
@@ -107,6 +114,26 @@ class SubmissionCreate(BaseModel):
     def _parse_floats(cls, value: Any) -> list[float] | None:
         return _floats(value)
 
+    @field_validator("mean")
+    @classmethod
+    def _sensible_mean(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(abs(m) > MAX_ABS_MEAN for m in value):
+            raise ValueError(
+                f"mean values must lie between {-MAX_ABS_MEAN:g} and {MAX_ABS_MEAN:g} (images "
+                f"are in [0, 1] before normalisation); got {value}"
+            )
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _sensible_std(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(MIN_STD <= s <= MAX_STD for s in value):
+            raise ValueError(
+                f"std values must be positive, between {MIN_STD:g} and {MAX_STD:g}: they divide "
+                f"float32 images in [0, 1]; got {value}"
+            )
+        return value
+
     @field_validator("paper_url")
     @classmethod
     def _short_url(cls, value: HttpUrl | None) -> HttpUrl | None:
@@ -124,8 +151,6 @@ class SubmissionCreate(BaseModel):
                     f"mean has {len(self.mean)} values and std {len(self.std)}; give one per "
                     "channel in both"
                 )
-            if not all(s > 0 for s in self.std):
-                raise ValueError("std values must be positive")
         return self
 
 

@@ -16,6 +16,10 @@ from evaluator.errors import UnknownBenchmarkError
 
 router = APIRouter(tags=["leaderboard"])
 
+# Far past any real board, and small enough that (page - 1) * per_page fits a 64-bit offset:
+# a bigger number would reach the database driver and fail there (OverflowError, a 500).
+MAX_PAGE = 1_000_000
+
 
 @router.get(
     "/leaderboard/{benchmark}",
@@ -31,7 +35,7 @@ def read_leaderboard(
     training_method: TrainingMethod | None = None,
     architecture: str | None = None,
     search: Annotated[str | None, Query(max_length=200)] = None,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     per_page: Annotated[int | None, Query(ge=1, le=MAX_PER_PAGE)] = None,
     format: Literal["json", "csv"] = "json",
 ) -> LeaderboardPage | Response:

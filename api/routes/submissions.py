@@ -31,6 +31,10 @@ from db.models import SubmissionStatus
 
 router = APIRouter(prefix="/submissions", tags=["submissions"])
 
+# Far past anyone's submissions, and within a 64-bit offset (beyond it the database driver
+# fails with OverflowError, a 500).
+MAX_OFFSET = 1_000_000_000
+
 
 def _error(description: str, error: str, detail: str) -> dict[str, Any]:
     return {
@@ -136,7 +140,7 @@ def list_own_submissions(
     status: SubmissionStatus | None = None,
     benchmark: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> SubmissionList:
     """Your submissions, newest first, optionally only one status or benchmark."""
     items, total = list_submissions(

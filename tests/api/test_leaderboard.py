@@ -9,8 +9,9 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 
+from api.routes.leaderboard import MAX_PAGE
 from api.schemas import SortKey, SortOrder
-from api.services.leaderboard import leaderboard
+from api.services.leaderboard import MAX_PER_PAGE, leaderboard
 from db.models import SubmissionStatus, TrainingMethod, utcnow
 from tests.api.conftest import Account
 from tests.api.factories import create_finished, create_submission
@@ -141,3 +142,36 @@ def test_service_function_for_the_pages(test_db: TestDatabase, board: dict[str, 
     assert [r.display_name for r in page.rows] == ["=HYPERLINK(evil)", "Worst-of-10"]
     everything = leaderboard(test_db.session, "digits", per_page=None)
     assert len(everything.rows) == 4
+
+
+# --- Bounds on the query ------------------------------------------------------------------------
+
+# Past any 64-bit offset: the database driver cannot even bind it.
+HUGE_PAGE = "99999999999999999999"
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_a_page_number_past_any_board_is_refused_with_a_message(
+    client: TestClient, board: dict[str, str], fmt: str
+) -> None:
+    response = client.get(f"/api/v1/leaderboard/digits?page={HUGE_PAGE}&format={fmt}")
+    assert response.status_code == 422, response.text
+    field = response.json()["fields"][0]
+    assert field["field"] == "page" and "less than or equal to" in field["message"]
+
+
+def test_the_last_allowed_page_is_empty_not_an_error(
+    client: TestClient, board: dict[str, str]
+) -> None:
+    response = client.get(f"/api/v1/leaderboard/digits?page={MAX_PAGE}&per_page={MAX_PER_PAGE}")
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"] == [] and response.json()["total"] == 4
+
+
+def test_the_html_leaderboard_survives_a_huge_page_number(
+    client: TestClient, board: dict[str, str]
+) -> None:
+    response = client.get(f"/leaderboard/digits?page={HUGE_PAGE}&per_page={HUGE_PAGE}")
+    # These are links people edit and share: read leniently (clamped), never a 500.
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")

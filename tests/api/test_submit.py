@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from api.routes.submissions import MAX_OFFSET
 from db.models import ModelFormatName, Submission, SubmissionStatus, TrainingMethod, utcnow
 from spatialbench.settings import Settings
 from tests.api.conftest import Account, Enqueued, ModelFiles, make_client, upload
@@ -162,6 +164,9 @@ BAD_FILES = [
     ("weights", {"mean": "0.5", "std": "0.2"}, 422, "invalid_input", ["one value per channel"]),
     ("weights", {"mean": "0,0,0", "std": "1,0,1"}, 422, "invalid_input", ["positive"]),
     ("weights", {"mean": "a,b,c", "std": "1,1,1"}, 422, "invalid_input", ["mean"]),
+    # 1e-320 is 0 in float32: accepted, it failed inside the evaluation.
+    ("weights", {"mean": "0,0,0", "std": "1e-320,1,1"}, 422, "invalid_input", ["std", "1e-06"]),
+    ("weights", {"mean": "1e39,0,0", "std": "1,1,1"}, 422, "invalid_input", ["mean", "1000"]),
     ("weights", {"paper_url": "not a url"}, 422, "invalid_input", ["paper_url"]),
     ("weights", {"display_name": ""}, 422, "invalid_input", ["display_name"]),
     ("weights", {"arch": "small_cnn"}, 422, "invalid_input", ["arch"]),
@@ -396,3 +401,60 @@ def test_admins_are_not_capped(
 ) -> None:  # fmt: skip
     root = make_account(name="root", is_admin=True, concurrent_limit=0, daily_limit=0)
     assert upload(client, model_files.weights(), root).status_code == 202
+
+
+# --- Listing --------------------------------------------------------------------------------------
+
+
+def test_an_offset_past_any_list_is_refused_with_a_message(
+    client: TestClient, alice: Account
+) -> None:
+    # 2**63: one past the largest 64-bit offset a database can take.
+    response = client.get("/api/v1/submissions?offset=9223372036854775808", headers=alice.headers)
+    assert response.status_code == 422, response.text
+    field = response.json()["fields"][0]
+    assert field["field"] == "offset" and "less than or equal to" in field["message"]
+    at_limit = client.get(f"/api/v1/submissions?offset={MAX_OFFSET}", headers=alice.headers)
+    assert at_limit.status_code == 200 and at_limit.json()["items"] == []
+
+
+# --- Hostile files --------------------------------------------------------------------------------
+
+
+def _many_members(count: int) -> bytes:
+    """A zip of ``count`` empty members (zip64 end records), built without zipfile's slowness."""
+    local, central, offset = [], [], 0
+    for i in range(count):
+        name = b"m/%d" % i
+        header = (b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0)
+        local.append(struct.pack("<4s5H3L2H", *header) + name)
+        entry = (b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0, 0, 0, 0, 0, offset)
+        central.append(struct.pack("<4s6H3L5H2L", *entry) + name)
+        offset += 30 + len(name)
+    directory = b"".join(central)
+    size = len(directory)
+    end64 = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, size, offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, offset + size, 1)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, size, offset, 0)
+    return b"".join(local) + directory + end64 + locator + end
+
+
+def test_a_zip_of_400000_members_is_refused_from_its_end_record(
+    client: TestClient, alice: Account, settings: Settings
+) -> None:
+    response = upload(client, _many_members(400_000), alice, architecture=None)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "unsupported_model_format"
+    assert "declares 400000 members" in response.json()["detail"]
+    assert stored_files(settings) == []
+
+
+def test_a_deeply_nested_safetensors_header_is_refused(
+    client: TestClient, alice: Account, settings: Settings
+) -> None:
+    header = b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    response = upload(client, struct.pack("<Q", len(header)) + header, alice)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "unsupported_model_format"
+    assert "nests" in response.json()["detail"]
+    assert stored_files(settings) == []
