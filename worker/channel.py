@@ -186,7 +186,7 @@ class ModelClient:
 
     def logits(self, images: Tensor) -> Tensor:
         batch = images.detach().to("cpu", torch.float32)
-        self.channel.send(FrameKind.LOGITS_REQUEST, batch)
+        self._send(FrameKind.LOGITS_REQUEST, batch)
         frame = self._header()
         self._expect(frame, FrameKind.LOGITS)
         n = batch.shape[0]
@@ -212,8 +212,8 @@ class ModelClient:
 
     def vjp(self, images: Tensor, cotangent: Tensor) -> Tensor:
         batch = images.detach().to("cpu", torch.float32)
-        self.channel.send(FrameKind.VJP_REQUEST, batch)
-        self.channel.send(FrameKind.COTANGENT, cotangent.detach().to("cpu", torch.float32))
+        self._send(FrameKind.VJP_REQUEST, batch)
+        self._send(FrameKind.COTANGENT, cotangent.detach().to("cpu", torch.float32))
         frame = self._header()
         self._expect(frame, FrameKind.GRADIENT)
         if frame.dtype is not FrameDtype.FLOAT32 or frame.shape != tuple(batch.shape):
@@ -232,6 +232,14 @@ class ModelClient:
         try:
             self.channel.send(FrameKind.SHUTDOWN)
         except ChannelClosed:
+            pass
+
+    def _send(self, kind: FrameKind, tensor: Tensor) -> None:
+        try:
+            self.channel.send(kind, tensor)
+        except ChannelClosed:
+            # The model process stopped reading; what it answered before is still in the
+            # pipe, and reading it says what happened (an answer, an error, or its exit).
             pass
 
     def _header(self) -> Frame:

@@ -196,6 +196,7 @@ class LocalModelProcess:
         self.proc.stdin.write(config.model_dump_json().encode())
         self.proc.stdin.close()
         self.client = ModelClient(FrameChannel(answer_r, request_w), config.num_classes)
+        self.client.wait_ready()
 
     def __enter__(self) -> LocalModelProcess:
         return self

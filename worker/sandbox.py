@@ -260,8 +260,21 @@ def bwrap_command(
     tmpfs_bytes: int,
     gpu: bool = False,
 ) -> list[str]:
-    """The command that runs ``argv`` (a Python module and its arguments) sandboxed.
-    ``binds`` are (bwrap option, host path, sandbox path) for the role's own files."""
+    """The command that runs the role's module (``worker.<role>_process``) with ``argv``
+    sandboxed. ``binds`` are (bwrap option, host path, sandbox path) for the role's files."""
+    prefix = sandbox_prefix(role, identity, binds=binds, tmpfs_bytes=tmpfs_bytes, gpu=gpu)
+    return [*prefix, sys.executable, "-s", "-B", "-m", f"worker.{role.value}_process", *argv]
+
+
+def sandbox_prefix(
+    role: Role,
+    identity: Identity,
+    *,
+    binds: list[tuple[str, Path, Path]],
+    tmpfs_bytes: int,
+    gpu: bool = False,
+) -> list[str]:
+    """The sandbox profile: the command line that runs what follows it sandboxed."""
     cmd = [_tool("bwrap"), "--die-with-parent", "--new-session"]
     if identity.drop:
         # Root mounts without a user namespace (so it can read an interpreter under a home
@@ -296,7 +309,7 @@ def bwrap_command(
                 "--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all",
                 "--"]  # fmt: skip
         cmd += [_tool("unshare"), "--user", "--"]
-    return [*cmd, sys.executable, "-s", "-B", "-m", f"worker.{role.value}_process", *argv]
+    return cmd
 
 
 def _ancestors(paths: list[Path]) -> list[Path]:
