@@ -28,6 +28,10 @@ __all__ = [
 ]
 
 _render_lock = threading.Lock()
+# What a plot draws at most, whatever is stored: rendering time stays bounded.
+MAX_PANELS = 32
+MAX_GRID_POINTS = 100_000
+MAX_TICKS = 12
 
 # Colours that stay apart for the common colour-vision deficiencies (Okabe-Ito).
 _BLUE, _ORANGE, _GREEN, _GREY = "#0072B2", "#E69F00", "#009E73", "#777777"
@@ -77,7 +81,13 @@ def _landscape_array(landscape: dict[str, Any] | None) -> tuple[Any, list[float]
         raise PlotUnavailable(f"malformed landscape: {exc}") from None
     if acc.shape != (len(thetas), len(dxs), len(dys)) or acc.size == 0:
         raise PlotUnavailable(f"landscape of shape {acc.shape} does not match its axes")
-    return acc, thetas, dxs, dys
+    # One panel per dx and one cell per point: a stored grid far beyond any benchmark's would
+    # take minutes to draw behind the render lock.
+    if len(dxs) > MAX_PANELS or acc.size > MAX_GRID_POINTS:
+        raise PlotUnavailable(f"a landscape of shape {acc.shape} is too large to draw")
+    if not np.isfinite(acc).all():
+        raise PlotUnavailable("the landscape holds values that are not numbers")
+    return np.clip(acc, 0.0, 1.0), thetas, dxs, dys
 
 
 def _angle_ticks(thetas: list[float]) -> list[float]:
@@ -99,6 +109,7 @@ def landscape_svg(landscape: dict[str, Any] | None) -> bytes:
     with _render_lock:
         fig = Figure(figsize=(7.2, 1.0 + 1.05 * n_dx))
         axes = fig.subplots(n_dx, 1, sharex=True, squeeze=False)[:, 0]
+
         # Cell edges halfway between grid values, so each cell is centred on its point.
         def edges(values: Sequence[float]) -> list[float]:
             if len(values) == 1:
@@ -177,9 +188,12 @@ def fool_counts(per_image: dict[str, Any] | None) -> list[int]:
     """How many grid points fool each image of the landscape subset (-1 marks the others)."""
     if not per_image or "grid_fool_count" not in per_image:
         raise PlotUnavailable("this evaluation has no per-image fool counts")
+    stored = per_image["grid_fool_count"]
+    if not isinstance(stored, list):
+        raise PlotUnavailable("malformed fool counts")
     try:
-        counts = [int(c) for c in per_image["grid_fool_count"] if int(c) >= 0]
-    except (TypeError, ValueError) as exc:
+        counts = [int(c) for c in stored if int(c) >= 0]
+    except (TypeError, ValueError, OverflowError) as exc:
         raise PlotUnavailable(f"malformed fool counts: {exc}") from None
     if not counts:
         raise PlotUnavailable("no image of this evaluation was searched exhaustively")
@@ -194,8 +208,10 @@ def fool_histogram_svg(per_image: dict[str, Any] | None, grid_points: int = 775)
     import numpy as np
     from matplotlib.figure import Figure
 
-    values = np.asarray(counts)
-    top = max(grid_points, int(values.max()))
+    # The axis is the grid's, never the data's: a stored count beyond the grid (which no
+    # evaluation produces) lands in the last bar instead of stretching the axis.
+    top = min(max(int(grid_points), 1), MAX_GRID_POINTS)
+    values = np.clip(np.asarray(counts, dtype=np.int64), 0, top)
     bins = 31 if top >= 31 else top
     width = top / bins
     edges = np.linspace(1, top + 1, bins + 1)
@@ -210,6 +226,7 @@ def fool_histogram_svg(per_image: dict[str, Any] | None, grid_points: int = 775)
         ax.bar(edges[:-1], fooled, width=width * 0.9, align="edge", color=_BLUE,
                label="fooled by at least one point")  # fmt: skip
         step = 200 if top > 400 else 50 if top > 100 else 10
+        step = max(step, -(-top // MAX_TICKS))
         ticks = [zero_x, 1, *range(step, top - step // 2, step), top]
         ax.set_xticks(ticks)
         ax.set_xticklabels(["0", *[str(int(t)) for t in ticks[1:]]])
