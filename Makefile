@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench loadtest clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ lint: venv
 	$(VENV)/bin/mypy
 
 bench: venv
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py && $(PY) scripts/bench_split.py
+
+# The read paths at 200 req/s while an evaluation runs (starts and stops its own service).
+loadtest: venv
+	$(PY) scripts/loadtest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
