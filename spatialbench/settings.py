@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     batch_size: int = 512
     bf16: bool = False
     sandbox_memory_bytes: int = 16 * 2**30
+    # A root worker runs each evaluation's sandboxes (bubblewrap) as this unprivileged user;
+    # never as root, and there is no fallback: if the sandbox cannot start, the job fails.
     sandbox_user: str = "nobody"
     eval_limit: int | None = Field(default=None, description="evaluate only N images (testing)")
     # How often the worker's reaper looks for jobs whose heartbeat stopped.
@@ -85,8 +87,6 @@ class Settings(BaseSettings):
     sandbox_deadline_s: float | None = None
     # CPU threads of the sandboxed evaluation (OMP_NUM_THREADS); None: all cores.
     sandbox_threads: int | None = None
-    # Run the evaluation without network access where the kernel allows it (user+net namespace).
-    sandbox_isolate_network: bool = True
     # Where the sandbox's private working folders go; None: the system temp folder.
     sandbox_tmp_dir: Path | None = None
     # Example images kept per evaluation for the model page (fooled ones; a few robust ones).

@@ -41,7 +41,7 @@ from db import lifecycle
 from db.lifecycle import Claim, FinishOutcome, JobConfig, RunState
 from db.models import Evaluation, Submission, utcnow
 from db.session import transaction
-from spatialbench.settings import Environment, Settings
+from spatialbench.settings import Settings
 from worker.results import StoredResult, find_stored, forget_stored, store_result
 from worker.sandbox import (
     SandboxFailure,
@@ -217,8 +217,6 @@ def sandbox_limits(settings: Settings) -> SandboxLimits:
         memory_bytes=settings.sandbox_memory_bytes,
         threads=settings.sandbox_threads,
         user=settings.sandbox_user or None,
-        require_user=settings.env is Environment.PRODUCTION,
-        isolate_network=settings.sandbox_isolate_network,
         tmp_dir=settings.sandbox_tmp_dir,
     )
 
