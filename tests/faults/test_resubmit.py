@@ -1,0 +1,114 @@
+"""Findings 1 and 5: cancel and resubmit while a run is under way.
+
+1. A worker frozen near the end of a run (``kill -STOP``), the job cancelled and resubmitted
+   with other settings, then the worker resumed: its result must be refused, and the stored
+   result is the new run's, computed with the new settings.
+5. A resubmit right after a cancel must run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Evaluation, SubmissionStatus
+from evaluator.attacks import Classifier
+from evaluator.benchmarks import get_benchmark, load_benchmark_file
+from evaluator.data import load_dataset, resolve_benchmark
+from evaluator.evaluate import EvalOptions, evaluate
+from evaluator.models.loading import load_model
+from spatialbench.settings import Settings
+from tests.faults.conftest import Api, Workers, wait_for_row, with_cont
+from tests.worker.helpers import QUICK_BENCHMARK, wait_for
+
+pytestmark = [
+    pytest.mark.timeout(600),
+    # kombu's SQLAlchemy transport (the embedded broker the API publishes to here) declares
+    # its relationships with the deprecated ``noload``.
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
+]
+
+RUNNING, FINISHED = SubmissionStatus.RUNNING, SubmissionStatus.FINISHED
+HALF = [0.5, 0.5, 0.5]
+
+
+def _natural(settings: Settings, model: Path, mean: list[float] | None) -> float | None:
+    """The natural accuracy the evaluator gives for ``model`` with ``mean``/``std``."""
+    torch.set_num_threads(1)
+    assert settings.benchmarks_file is not None and settings.eval_limit is not None
+    spec = get_benchmark(QUICK_BENCHMARK, load_benchmark_file(settings.benchmarks_file))
+    dataset = load_dataset(spec)
+    spec = resolve_benchmark(spec, dataset)
+    net = load_model(model, arch="small_cnn", mean=mean, std=mean)
+    result = evaluate(Classifier(net, 10, batch_size=256), dataset, spec,
+                      EvalOptions(limit=settings.eval_limit))  # fmt: skip
+    return result.metrics["natural"].accuracy
+
+
+def test_a_frozen_workers_result_is_refused_after_a_cancel_and_a_resubmit(
+    fault_settings: Settings,
+    sessions: sessionmaker[Session],
+    api: Api,
+    workers: Workers,
+    trained_model: Path,
+) -> None:
+    settings = fault_settings.model_copy(update={"eval_limit": 120})
+    first = workers.start(settings)
+    sid = api.upload(trained_model)["id"]
+    running = wait_for_row(
+        sessions, sid, lambda r: r.status is RUNNING and r.progress >= 0.5,
+        what="the first run to pass half way",
+    )  # fmt: skip
+    os.killpg(first.proc.pid, signal.SIGSTOP)
+    old_token = running.claim_token
+    assert old_token is not None
+
+    assert api.cancel(sid)["cancel_requested"] is True
+    again = api.upload(trained_model, mean="0.5,0.5,0.5", std="0.5,0.5,0.5")
+    assert (again["id"], again["status"], again["mean"]) == (sid, "queued", HALF)
+
+    workers.start(settings)
+    wait_for_row(
+        sessions, sid, lambda r: r.status is RUNNING and r.claim_token not in (None, old_token),
+        what="the second worker to claim the resubmitted job",
+    )  # fmt: skip
+    with_cont(first)
+    done = wait_for_row(sessions, sid, lambda r: r.status.is_final, what="the job to end")
+    assert done.status is FINISHED, done.message
+    # The resumed worker was refused: it learnt that it had lost the job.
+    wait_for(lambda: b": lost" in first.log_path.read_bytes(), 120, what="the old run to stop")
+
+    with sessions() as session:
+        evaluation = session.scalars(
+            select(Evaluation).where(Evaluation.submission_id == sid)
+        ).one()
+    assert evaluation.job is not None
+    assert evaluation.job["claim_token"] == done.claim_token != old_token
+    assert (evaluation.job["mean"], evaluation.job["std"]) == (HALF, HALF)
+    assert evaluation.natural == _natural(settings, trained_model, HALF)
+    assert _natural(settings, trained_model, None) != evaluation.natural
+
+
+def test_a_resubmit_right_after_a_cancel_runs(
+    fault_settings: Settings,
+    sessions: sessionmaker[Session],
+    api: Api,
+    workers: Workers,
+    trained_model: Path,
+) -> None:
+    workers.start(fault_settings)
+    sid = api.upload(trained_model)["id"]
+    wait_for_row(sessions, sid, lambda r: r.status is RUNNING, what="the run to start")
+    api.cancel(sid)
+    again = api.upload(trained_model)
+    assert (again["id"], again["status"], again["cancel_requested"]) == (sid, "queued", False)
+    done = wait_for_row(sessions, sid, lambda r: r.status.is_final, what="the resubmit to run")
+    assert done.status is FINISHED, done.message
+    with sessions() as session:
+        assert session.scalars(select(Evaluation).where(Evaluation.submission_id == sid)).one()
