@@ -44,6 +44,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,8 @@ _SYM_TARGETS = frozenset(
 _OP_NAMESPACES = ("aten", "prims")
 # torch's own ops that reach outside the tensor world (files, stdout).
 _REFUSED_OPS = frozenset({"from_file", "save", "_print"})
+# The program dialects torch.export itself writes.
+_DIALECTS = frozenset({"", "ATEN", "TRAINING"})
 # Argument kinds that carry code or objects rather than values.
 _REFUSED_ARGUMENTS = frozenset({"as_graph", "as_custom_obj", "as_operator"})
 
@@ -180,8 +183,8 @@ def count_zip_members(path: StrPath) -> int | None:
         tail_start = max(0, size - _EOCD_SIZE - _MAX_COMMENT)
         f.seek(tail_start)
         tail = f.read()
-        at = tail.rfind(_EOCD)
-        if at < 0 or len(tail) - at < _EOCD_SIZE:
+        at = _end_record(tail)
+        if at is None:
             return None
         (count,) = struct.unpack_from("<H", tail, at + 10)
         if count != 0xFFFF:
@@ -202,6 +205,19 @@ def count_zip_members(path: StrPath) -> int | None:
             return None
         (count64,) = struct.unpack_from("<Q", record, 32)
         return int(count64)
+
+
+def _end_record(tail: bytes) -> int | None:
+    """Where the end record starts in ``tail``: the last signature whose comment length
+    reaches exactly the end of the file (the comment itself may contain the signature)."""
+    at = tail.rfind(_EOCD)
+    while at >= 0:
+        if len(tail) - at >= _EOCD_SIZE:
+            (comment,) = struct.unpack_from("<H", tail, at + 20)
+            if at + _EOCD_SIZE + comment == len(tail):
+                return at
+        at = tail.rfind(_EOCD, 0, at)
+    return None
 
 
 def check_member_count(path: StrPath, what: str = "zip archive") -> None:
@@ -232,27 +248,43 @@ def _unsafe_member_reason(name: str) -> str | None:
     return None
 
 
-def _member_kind(rel: str) -> str | None:
+class _Member(StrEnum):
+    """The members a torch.export.save archive holds (paths under its top folder)."""
+
+    FORMAT = "archive_format"
+    VERSION = "archive_version"
+    BYTEORDER = "byteorder"
+    DATA_VERSION = ".data/version"
+    SERIALIZATION_ID = ".data/serialization_id"
+    PROGRAM = "program"
+    WEIGHTS_CONFIG = "weights config"
+    CONSTANTS_CONFIG = "constants config"
+    SAMPLE_INPUTS = "sample inputs"
+    WEIGHT = "weight"
+    CONSTANT = "constant"
+
+
+def _member_kind(rel: str) -> _Member | None:
     """Which known part of an archive ``rel`` (a path under the top folder) is, or None."""
     fixed = {
-        pt2.ARCHIVE_FORMAT_PATH: "format",
-        pt2.ARCHIVE_VERSION_PATH: "version",
-        "byteorder": "byteorder",
-        ".data/version": "data_version",
-        ".data/serialization_id": "serialization_id",
-        pt2.MODELS_FILENAME_FORMAT.format(_MODEL): "program",
-        pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format(_MODEL): "weights_config",
-        pt2.CONSTANTS_CONFIG_FILENAME_FORMAT.format(_MODEL): "constants_config",
+        pt2.ARCHIVE_FORMAT_PATH: _Member.FORMAT,
+        pt2.ARCHIVE_VERSION_PATH: _Member.VERSION,
+        "byteorder": _Member.BYTEORDER,
+        ".data/version": _Member.DATA_VERSION,
+        ".data/serialization_id": _Member.SERIALIZATION_ID,
+        pt2.MODELS_FILENAME_FORMAT.format(_MODEL): _Member.PROGRAM,
+        pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format(_MODEL): _Member.WEIGHTS_CONFIG,
+        pt2.CONSTANTS_CONFIG_FILENAME_FORMAT.format(_MODEL): _Member.CONSTANTS_CONFIG,
     }
     if rel in fixed:
         return fixed[rel]
     if rel.startswith(pt2.SAMPLE_INPUTS_DIR):
-        return "sample_inputs"
+        return _Member.SAMPLE_INPUTS
     if re.fullmatch(re.escape(pt2.WEIGHTS_DIR + pt2.WEIGHT_FILENAME_PREFIX) + r"[0-9]+", rel):
-        return "weight"
+        return _Member.WEIGHT
     constant = pt2.CONSTANTS_DIR + pt2.TENSOR_CONSTANT_FILENAME_PREFIX
     if re.fullmatch(re.escape(constant) + r"[0-9]+", rel):
-        return "constant"
+        return _Member.CONSTANT
     return None
 
 
@@ -516,7 +548,8 @@ def _check_nodes(program: Any) -> None:
                 )
             if arg.alias_info is not None and touches_state:
                 aliases_state = True
-        if aliases_state and any(r.alias_info is not None for r in schema.returns):
+        # An annotated (``Tensor(a)``) input is one the outputs may view: split, view, t...
+        if aliases_state:
             for output in node.outputs:
                 state.update(_tensor_names(output))
 
@@ -589,6 +622,12 @@ def _check_program(program: Any, weights: Mapping[str, Any], constants: Mapping[
             f"the {SCHEMA_VERSION[0]} that PyTorch {torch.__version__.split('+')[0]} reads; "
             "re-export it with this version"
         )
+    dialects = [d for d in program.verifiers if d not in _DIALECTS]
+    if dialects:
+        raise _refuse(f"its program is in the {str(dialects[0])[:40]!r} dialect, not torch's ATen")
+    for name, bounds in program.range_constraints.items():
+        if not all(v is None or type(v) is int for v in (bounds.min_val, bounds.max_val)):
+            raise _refuse(f"the range of shape symbol {str(name)[:40]!r} is not integers")
     graph = program.graph_module.graph
     if graph.custom_obj_values:
         raise _refuse_pickle("a custom object")
@@ -618,15 +657,12 @@ def inspect_archive(path: StrPath, max_bytes: int | None = None) -> ArchiveConte
         raise _refuse(f"it is not a readable zip archive ({exc})") from exc
 
 
-def _inspect(
-    zf: zipfile.ZipFile, schema: Any, max_bytes: int | None, allow_pickled: bool = False
-) -> ArchiveContents:
+def _index(zf: zipfile.ZipFile, max_bytes: int | None) -> tuple[str, dict[str, zipfile.ZipInfo]]:
+    """The archive's top folder and its members by name, refusing unsafe or oversized zips."""
     infos = zf.infolist()
     if not infos:
         raise _refuse("it is an empty zip")
     by_name: dict[str, zipfile.ZipInfo] = {}
-    tops: set[str] = set()
-    total = 0
     for info in infos:
         # ``orig_filename`` is the name as stored, before zipfile cuts it at a NUL.
         name = info.orig_filename
@@ -638,76 +674,87 @@ def _inspect(
         if info.flag_bits & 0x1:
             raise _refuse(f"member {name!r} is encrypted")
         by_name[name] = info
-        tops.add(name.split("/", 1)[0])
-        total += info.file_size
+    tops = {name.split("/", 1)[0] for name in by_name}
     if len(tops) != 1 or any("/" not in name for name in by_name):
         shown = ", ".join(sorted(tops)[:10])
         raise _refuse(
             f"its members must all live under one top folder, as torch.export.save writes them "
             f"(found {shown})"
         )
+    total = sum(info.file_size for info in infos)
     if max_bytes is not None and total > max_bytes:
         raise _refuse(f"it unpacks to {total} bytes, more than the limit of {max_bytes} bytes")
-    top = tops.pop()
-    kinds: dict[str, str] = {}
-    for name in by_name:
-        rel = name[len(top) + 1 :]
-        if name.endswith("/") and by_name[name].file_size == 0:
+    return tops.pop(), by_name
+
+
+def _classify(top: str, by_name: Mapping[str, zipfile.ZipInfo]) -> dict[_Member, str]:
+    """One member name per kind; refuses members torch.export.save does not write."""
+    kinds: dict[_Member, str] = {}
+    for name, info in by_name.items():
+        if name.endswith("/") and info.file_size == 0:
             continue  # a directory entry
+        rel = name[len(top) + 1 :]
         kind = _member_kind(rel)
         if kind is None:
             raise _refuse(f"member {name!r} is {_unknown_member_reason(rel)}")
         kinds.setdefault(kind, name)
     for kind, rel in (
-        ("format", pt2.ARCHIVE_FORMAT_PATH),
-        ("version", pt2.ARCHIVE_VERSION_PATH),
-        ("program", pt2.MODELS_FILENAME_FORMAT.format(_MODEL)),
+        (_Member.FORMAT, pt2.ARCHIVE_FORMAT_PATH),
+        (_Member.VERSION, pt2.ARCHIVE_VERSION_PATH),
+        (_Member.PROGRAM, pt2.MODELS_FILENAME_FORMAT.format(_MODEL)),
     ):
         if kind not in kinds:
             raise _refuse(f"it lacks {top}/{rel}")
-    if _read_small(zf, by_name[kinds["format"]], 16, "archive_format") != b"pt2":
-        raise _refuse(f"{top}/{pt2.ARCHIVE_FORMAT_PATH} does not read 'pt2'")
-    version = _read_small(zf, by_name[kinds["version"]], 16, "archive_version")
+    return kinds
+
+
+def _check_markers(zf: zipfile.ZipFile, kinds: Mapping[_Member, str]) -> None:
+    if _read_small(zf, zf.getinfo(kinds[_Member.FORMAT]), 16, "archive_format") != b"pt2":
+        raise _refuse(f"{kinds[_Member.FORMAT]} does not read 'pt2'")
+    version = _read_small(zf, zf.getinfo(kinds[_Member.VERSION]), 16, "archive_version")
     if version != pt2.ARCHIVE_VERSION_VALUE.encode():
         raise _refuse(
             f"its archive version {version!r} is not the {pt2.ARCHIVE_VERSION_VALUE!r} that "
             f"PyTorch {torch.__version__.split('+')[0]} reads; re-save it with this version"
         )
-    if "byteorder" in kinds:
-        order = _read_small(zf, by_name[kinds["byteorder"]], 16, "byteorder")
+    if _Member.BYTEORDER in kinds:
+        order = _read_small(zf, zf.getinfo(kinds[_Member.BYTEORDER]), 16, "byteorder")
         if order != b"little":
             raise _refuse(
                 f"its tensors are stored {order!r}-endian; save it on a little-endian machine"
             )
 
-    def config(kind: str) -> dict[str, Any]:
-        if kind not in kinds:
-            return {}
-        data = _read_small(zf, by_name[kinds[kind]], _MAX_JSON_BYTES, kinds[kind])
-        parsed = _to_dataclass(schema.PayloadConfig, _parse_json(data, kinds[kind]), kinds[kind])
-        if not isinstance(parsed.config, dict):
-            raise _refuse(f"{kinds[kind]} is not a mapping of tensors")
-        return parsed.config
 
-    weights = config("weights_config")
-    constants = config("constants_config")
-    _check_payloads(
-        "weight", weights, pt2.WEIGHT_FILENAME_PREFIX, pt2.WEIGHTS_DIR, by_name, top, allow_pickled
-    )
-    _check_payloads(
-        "constant",
-        constants,
-        pt2.TENSOR_CONSTANT_FILENAME_PREFIX,
-        pt2.CONSTANTS_DIR,
-        by_name,
-        top,
-        allow_pickled,
-    )
-    program_name = kinds["program"]
-    raw = _parse_json(
-        _read_small(zf, by_name[program_name], _MAX_JSON_BYTES, program_name), program_name
-    )
-    program = _to_dataclass(schema.ExportedProgram, raw, program_name)
+def _read_json(zf: zipfile.ZipFile, name: str, cls: Any) -> Any:
+    data = _read_small(zf, zf.getinfo(name), _MAX_JSON_BYTES, name)
+    return _to_dataclass(cls, _parse_json(data, name), name)
+
+
+def _payload_config(
+    zf: zipfile.ZipFile, schema: Any, kinds: Mapping[_Member, str], kind: _Member
+) -> dict[str, Any]:
+    if kind not in kinds:
+        return {}
+    parsed = _read_json(zf, kinds[kind], schema.PayloadConfig)
+    if not isinstance(parsed.config, dict):
+        raise _refuse(f"{kinds[kind]} is not a mapping of tensors")
+    return parsed.config
+
+
+def _inspect(
+    zf: zipfile.ZipFile, schema: Any, max_bytes: int | None, allow_pickled: bool = False
+) -> ArchiveContents:
+    top, by_name = _index(zf, max_bytes)
+    kinds = _classify(top, by_name)
+    _check_markers(zf, kinds)
+    weights = _payload_config(zf, schema, kinds, _Member.WEIGHTS_CONFIG)
+    constants = _payload_config(zf, schema, kinds, _Member.CONSTANTS_CONFIG)
+    for label, config, prefix, directory in (
+        ("weight", weights, pt2.WEIGHT_FILENAME_PREFIX, pt2.WEIGHTS_DIR),
+        ("constant", constants, pt2.TENSOR_CONSTANT_FILENAME_PREFIX, pt2.CONSTANTS_DIR),
+    ):
+        _check_payloads(label, config, prefix, directory, by_name, top, allow_pickled)
+    program = _read_json(zf, kinds[_Member.PROGRAM], schema.ExportedProgram)
     _check_program(program, weights, constants)
     sample_inputs = tuple(
         sorted(n for n in by_name if n[len(top) + 1 :].startswith(pt2.SAMPLE_INPUTS_DIR))

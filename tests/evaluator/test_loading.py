@@ -548,3 +548,27 @@ def test_load_model_normalises_safetensors_inputs(
 
 def test_exported_module_is_the_public_wrapper(exported: tuple[Path, nn.Module]) -> None:
     assert isinstance(load_export_model(exported[0]), ExportedModule)
+
+
+# --- Hostile containers -------------------------------------------------------------------------
+
+
+def test_zip_members_are_counted_from_the_end_record(tmp_path: Path) -> None:
+    from evaluator.models.pt2 import count_zip_members
+
+    path = tmp_path / "three.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"m/{i}", b"x")
+        zf.comment = b"PK\x05\x06 inside a comment is skipped"
+    assert count_zip_members(path) == 3
+    path.write_bytes(b"not a zip at all")
+    assert count_zip_members(path) is None
+
+
+def test_deeply_nested_safetensors_header_is_refused(tmp_path: Path) -> None:
+    header = b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    path = tmp_path / "nested.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ModelFormatError, match="nests"):
+        detect_format(path)

@@ -288,6 +288,38 @@ def test_buffer_updates_are_refused(tmp_path: Path) -> None:
         load_export_model(path)
 
 
+class _WritesThroughAView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half, _ = self.w.split(2)
+        half.mul_(2)  # changes self.w: the next call answers differently
+        return x.flatten(1) @ self.w
+
+
+class _InPlaceOnItsOwnValues(_WritesThroughAView):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.flatten(1).clone()
+        y.mul_(2).relu_()
+        return y @ self.w
+
+
+def test_writes_to_a_weight_through_a_view_are_refused_and_own_values_are_not(
+    tmp_path: Path,
+) -> None:
+    paths = {}
+    for name, model in (("view", _WritesThroughAView()), ("own", _InPlaceOnItsOwnValues())):
+        paths[name] = tmp_path / f"{name}.pt2"
+        with torch.no_grad():
+            program = torch.export.export(model, (torch.rand(2, 1, 2, 2),))
+        torch.export.save(program, str(paths[name]))
+    with pytest.raises(ModelFormatError, match=r"aten\.mul_\.Tensor, which writes"):
+        check_export_archive(paths["view"])
+    check_export_archive(paths["own"])
+
+
 def test_code_in_a_shape_expression_is_refused(
     exported: Exported, tmp_path: Path, marker: Path
 ) -> None:
