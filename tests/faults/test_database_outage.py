@@ -1,0 +1,125 @@
+"""Finding 3: a database outage at the end of a run does not throw the run away.
+
+The database is a PostgreSQL server of the test's own, stopped (``scripts/postgres.sh stop``)
+while a run is under way and started again later on the same port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Evaluation, SubmissionStatus
+from spatialbench.settings import Settings
+from tests.faults.conftest import Api, PostgresServer, Workers, wait_for_row
+from tests.worker.helpers import small_cnn_file, wait_for
+from worker.results import results_dir
+
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
+]
+
+RUNNING, FINISHED = SubmissionStatus.RUNNING, SubmissionStatus.FINISHED
+# Longer than the old code's five writes in 20 s.
+OUTAGE_S = 25.0
+
+
+@pytest.fixture
+def database_url(own_postgres: PostgresServer) -> str:
+    return own_postgres.url
+
+
+def _evaluation(sessions: sessionmaker[Session], submission_id: str) -> Evaluation:
+    with sessions() as session:
+        return session.scalars(
+            select(Evaluation).where(Evaluation.submission_id == submission_id)
+        ).one()
+
+
+def _sandbox_children_done(settings: Settings, submission_id: str, token: str) -> Path:
+    stored = results_dir(settings, submission_id) / f"{token}.json"
+    wait_for(stored.exists, 240, what="the finished result to be stored")
+    return stored
+
+
+def test_a_result_finished_during_an_outage_is_recorded_when_the_database_is_back(
+    fault_settings: Settings,
+    sessions: sessionmaker[Session],
+    api: Api,
+    workers: Workers,
+    trained_model: Path,
+    own_postgres: PostgresServer,
+) -> None:
+    # No reaping in this test: the run that computed the result records it.
+    settings = fault_settings.model_copy(update={"eval_limit": 120, "heartbeat_timeout_s": 600})
+    workers.start(settings)
+    sid = api.upload(trained_model)["id"]
+    running = wait_for_row(sessions, sid, lambda r: r.status is RUNNING and r.progress >= 0.3)
+    token = running.claim_token
+    assert token is not None
+    own_postgres.stop()
+    try:
+        stored = _sandbox_children_done(settings, sid, token)
+        time.sleep(OUTAGE_S)
+    finally:
+        own_postgres.start()
+    done = wait_for_row(sessions, sid, lambda r: r.status.is_final, timeout=120)
+    assert done.status is FINISHED, done.message
+    assert done.attempts == 1  # not evaluated again
+    evaluation = _evaluation(sessions, sid)
+    assert evaluation.job is not None
+    assert evaluation.job["claim_token"] == evaluation.job["computed_under"] == token
+    assert not stored.exists()
+
+
+def test_a_worker_restarted_after_an_outage_records_the_stored_result_and_consumes_nothing_while_the_database_is_away(  # noqa: E501
+    fault_settings: Settings,
+    sessions: sessionmaker[Session],
+    api: Api,
+    workers: Workers,
+    trained_model: Path,
+    own_postgres: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    settings = fault_settings.model_copy(update={"eval_limit": 120})
+    first = workers.start(settings)
+    sid = api.upload(trained_model)["id"]
+    # Queued behind it, its message in the broker.
+    other = api.upload(small_cnn_file(tmp_path / "other.safetensors", seed=3))["id"]
+    running = wait_for_row(sessions, sid, lambda r: r.status is RUNNING and r.progress >= 0.3)
+    token = running.claim_token
+    assert token is not None
+    own_postgres.stop()
+    try:
+        _sandbox_children_done(settings, sid, token)
+        # The worker dies while it waits to record the result.
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        second = workers.start(settings)
+        # It takes the other job's message and waits for the database instead of failing it.
+        wait_for(
+            lambda: b"Retrying worker.runner._ping" in second.log_path.read_bytes(),
+            60,
+            what="the new worker to wait for the database",
+        )
+        time.sleep(5)
+    finally:
+        own_postgres.start()
+    for submission_id in (sid, other):
+        done = wait_for_row(sessions, submission_id, lambda r: r.status.is_final, timeout=240)
+        assert done.status is FINISHED, done.message
+    log = second.log_path.read_bytes()
+    assert b"raised unexpected" not in log
+    assert b"recording the stored result of " + sid.encode() in log
+    evaluation = _evaluation(sessions, sid)
+    assert evaluation.job is not None
+    # Computed by the first worker's run, recorded under the second worker's claim.
+    assert evaluation.job["computed_under"] == token != evaluation.job["claim_token"]
+    assert not results_dir(settings, sid).exists()
