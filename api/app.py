@@ -17,6 +17,7 @@ from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.pages import install_pages
 from api.routes import catalog, leaderboard, ops, submissions
+from api.services.leaderboard import BoardCache
 from db.session import Database
 from spatialbench.settings import Settings, get_settings
 from worker.queue import Producer
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.database = database
     app.state.enqueuer = producer
     app.state.metrics = ApiMetrics(database)
+    app.state.board_cache = BoardCache()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
 

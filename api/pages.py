@@ -43,7 +43,14 @@ from api.deps import SessionDep, SettingsDep, base_url
 from api.errors import DatabaseUnavailable, NotFound
 from api.schemas import LeaderboardPage, SortKey, SortOrder, as_utc
 from api.services.benchmarks import benchmark_public, get_benchmark, list_benchmarks
-from api.services.leaderboard import MAX_PER_PAGE, default_order, leaderboard
+from api.services.leaderboard import (
+    MAX_PER_PAGE,
+    BoardCache,
+    best_values,
+    board_version,
+    default_order,
+    leaderboard,
+)
 from api.services.submissions import get_submission, status_url
 from db.models import Evaluation, Submission, SubmissionStatus, TrainingMethod
 from evaluator.benchmarks import BenchmarkSpec
@@ -430,21 +437,18 @@ def _best_values(
     only this page's: the top row when the same filtered board is sorted by that metric."""
     if board.total < 2:
         return {}
-    best: dict[str, float] = {}
-    for key in METRIC_KEYS:
-        if board.total <= len(board.rows):
+    if board.total <= len(board.rows):
+        best: dict[str, float] = {}
+        for key in METRIC_KEYS:
             values = [getattr(r, key) for r in board.rows if getattr(r, key) is not None]
-            value = max(values) if values else None
-        else:
-            top = leaderboard(
-                session, benchmark, sort=SortKey(key), order=SortOrder.DESC,
-                training_method=query.training_method, architecture=query.architecture,
-                search=query.search, per_page=1,
-            ).rows  # fmt: skip
-            value = getattr(top[0], key) if top else None
-        if value is not None:
-            best[key] = value
-    return best
+            if values:
+                best[key] = max(values)
+        return best
+    found = best_values(
+        session, benchmark, training_method=query.training_method,
+        architecture=query.architecture, search=query.search,
+    )  # fmt: skip
+    return {key.value: value for key, value in found.items() if key.value in METRIC_KEYS}
 
 
 def protocol(spec: BenchmarkSpec) -> dict[str, Any]:
@@ -466,9 +470,23 @@ def protocol(spec: BenchmarkSpec) -> dict[str, Any]:
 @router.get("/leaderboard/{benchmark}", response_class=HTMLResponse)
 def leaderboard_page(
     request: Request, benchmark: str, session: SessionDep, settings: SettingsDep
-) -> HTMLResponse:
+) -> Response:
     spec = _benchmark(benchmark, settings)
     query = BoardQuery.parse(request.query_params)
+    # The rendering is reused while the board is unchanged: a popular board is polled far
+    # more often than it changes, and rendering it is most of a request's cost.
+    key = ("page", spec.name, query, board_version(session, spec.name))
+    cache: BoardCache = request.app.state.board_cache
+    headers = {**HTML_HEADERS, "ETag": cache.etag(key), "Cache-Control": "no-cache"}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    body = cache.get(key, lambda: _render_leaderboard(request, session, spec, query).body)
+    return HTMLResponse(body, headers=headers)
+
+
+def _render_leaderboard(
+    request: Request, session: SessionDep, spec: BenchmarkSpec, query: BoardQuery
+) -> HTMLResponse:
     board = leaderboard(
         session,
         spec.name,

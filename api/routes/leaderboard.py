@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import NotFound
 from api.schemas import LeaderboardPage, SortKey, SortOrder
 from api.services.benchmarks import get_benchmark
-from api.services.leaderboard import MAX_PER_PAGE, leaderboard, leaderboard_csv
+from api.services.leaderboard import MAX_PER_PAGE, leaderboard_document
 from db.models import TrainingMethod
 from evaluator.errors import UnknownBenchmarkError
 
@@ -27,6 +27,7 @@ MAX_PAGE = 1_000_000
     responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
 )
 def read_leaderboard(
+    request: Request,
     benchmark: str,
     session: SessionDep,
     settings: SettingsDep,
@@ -38,7 +39,7 @@ def read_leaderboard(
     page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     per_page: Annotated[int | None, Query(ge=1, le=MAX_PER_PAGE)] = None,
     format: Literal["json", "csv"] = "json",
-) -> LeaderboardPage | Response:
+) -> Response:
     """Public, finished submissions ranked by `sort` (default: grid accuracy, best first).
 
     JSON pages hold 50 rows unless `per_page` says otherwise; CSV holds every row unless
@@ -50,9 +51,11 @@ def read_leaderboard(
         raise NotFound(str(exc)) from None
     if per_page is None and format == "json":
         per_page = 50
-    result = leaderboard(
+    body, etag = leaderboard_document(
         session,
+        request.app.state.board_cache,
         spec.name,
+        csv=format == "csv",
         sort=sort,
         order=order,
         training_method=training_method,
@@ -61,10 +64,11 @@ def read_leaderboard(
         page=page,
         per_page=per_page,
     )
+    # Pollers that send the ETag back get a 304 while the board is unchanged.
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
     if format == "csv":
-        return Response(
-            leaderboard_csv(result),
-            media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": f'attachment; filename="{spec.name}-leaderboard.csv"'},
-        )
-    return result
+        headers["Content-Disposition"] = f'attachment; filename="{spec.name}-leaderboard.csv"'
+        return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
