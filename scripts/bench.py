@@ -1,6 +1,7 @@
-"""Speed of the grid attack against the physical floor: the model's own inference throughput.
+"""Speed of the grid attack, in two suites.
 
-For each model, side by side in one run:
+digits (the default on a CPU): the grid attack against the physical floor, the model's own
+inference throughput. For each shipped digits baseline, side by side in one run:
   (a) wall time of the grid attack (natural pass + grid search with early exit, as the service
       runs it, no landscape subset),
   (b) wall time of plain batched inference over the same number of forward passes (the same
@@ -9,8 +10,18 @@ For each model, side by side in one run:
   (c) forward passes used against the 775 x N of a full grid,
 and the same attack without early exit for reference.
 
-    make bench                     # the digits baselines on the CPU
-    python scripts/bench.py --device cuda --bf16 --repeat 20
+synthetic (the default on a GPU): the paper's two settings at full size with random weights
+and random images: a CIFAR-10-shaped benchmark (the paper's ResNet-32, 10,000 images of
+32 x 32) and an ImageNet-shaped one (torchvision's ResNet-50, 224 x 224, a few hundred
+images), full 775-point grid without early exit (the worst case: a fully robust model). For
+fp32, channels_last and bf16, eager and with torch.compile (and CUDA graphs on a GPU), it
+prints images per second of plain inference and of the grid attack, and the share of the
+attack's time spent resampling (the transform). --quick shrinks it to run on a CPU.
+
+    make bench                                      # digits baselines on the CPU
+    python scripts/bench.py --suite digits --device cuda --bf16 --repeat 20
+    python scripts/bench.py --device cuda           # synthetic CIFAR- and ImageNet-shaped
+    python scripts/bench.py --suite synthetic --device cpu --quick
 """
 
 from __future__ import annotations
@@ -19,16 +30,23 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 
-from evaluator.attacks import Classifier
+from evaluator.attacks import (
+    CandidateOrder,
+    Classifier,
+    grid_pair_predictor,
+    search_candidates,
+)
 from evaluator.benchmarks import get_benchmark
 from evaluator.data import load_dataset
 from evaluator.evaluate import EvalOptions, Metric, evaluate
 from evaluator.models import get_architecture
 from evaluator.models.loading import load_safetensors_model
+from evaluator.transforms import GridSpec, spatial_transform
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID_ONLY = frozenset({Metric.NATURAL, Metric.GRID})
@@ -140,25 +158,260 @@ def bench_model(name: str, model: torch.nn.Module, args: argparse.Namespace) -> 
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument(
-        "--repeat", type=int, default=1, help="evaluate the 540 digits N times over"
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="alternate (a) and (b) this often")
-    parser.add_argument(
-        "--full-grid", action="store_true", help="also time the grid without early exit"
-    )
-    parser.add_argument(
-        "--resnet", action="store_true", help="add an untrained ResNet-32 (slow on a CPU)"
-    )
-    args = parser.parse_args()
+# --- The GPU path: synthetic CIFAR- and ImageNet-shaped benchmarks, full grid ---------------
 
+
+class Compile(StrEnum):
+    """How the model is run: eagerly, through torch.compile, or compiled with CUDA graphs
+    (``mode="reduce-overhead"``, which replays each batch's kernels as one graph)."""
+
+    EAGER = "eager"
+    COMPILE = "compile"
+    CUDA_GRAPHS = "compile+cudagraphs"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One way to run the model: precision, memory layout, compilation."""
+
+    bf16: bool
+    channels_last: bool
+    compile: Compile = Compile.EAGER
+
+    @property
+    def name(self) -> str:
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{'bf16' if self.bf16 else 'fp32'} {layout} {self.compile.value}"
+
+    @property
+    def key(self) -> str:
+        """Short name for --configs: fp32, fp32-cl, bf16-cl, bf16-cl-compile, ..."""
+        parts = ["bf16" if self.bf16 else "fp32"] + ["cl"] * self.channels_last
+        if self.compile is Compile.COMPILE:
+            parts.append("compile")
+        elif self.compile is Compile.CUDA_GRAPHS:
+            parts.append("cudagraphs")
+        return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A synthetic benchmark: random images of a real benchmark's shape and grid, and an
+    untrained model of the architecture that benchmark is run with. Random weights and images
+    cost the same forward passes as trained ones; with the full grid (no early exit) the
+    number of passes does not depend on what the model predicts."""
+
+    name: str
+    benchmark: str
+    architecture: str
+    num_classes: int
+    images: int
+    batch_size: int
+    grid: GridSpec
+
+
+@dataclass
+class SyntheticRow:
+    shape: str
+    config: str
+    images: int
+    grid_points: int
+    batch: int
+    inference_ips: float
+    attack_ips: float
+    attack_passes_per_s: float
+    transform_share: float
+
+    def cells(self) -> list[str]:
+        return [
+            self.shape,
+            self.config,
+            f"{self.images:,}",
+            f"{self.grid_points}",
+            f"{self.batch}",
+            _rate(self.inference_ips),
+            _rate(self.attack_passes_per_s),
+            f"{self.attack_ips:,.2f}",
+            f"{self.attack_passes_per_s / self.inference_ips:.2f}",
+            f"{self.transform_share:.1%}",
+        ]
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.1f}"
+
+
+SYNTHETIC_HEADER = [
+    "benchmark", "run as", "images", "grid", "batch", "inference img/s", "attack passes/s",
+    "attack img/s", "attack/inference", "transform share",
+]  # fmt: skip
+
+
+def synthetic_shapes(args: argparse.Namespace) -> list[Shape]:
+    """The paper's two settings; ``--quick`` shrinks them until a CPU runs them in minutes
+    (the ImageNet-shaped one on a 3 x 3 x 3 grid: a CPU takes about a second per ResNet-50
+    pass)."""
+    cifar, imagenet = get_benchmark("cifar10"), get_benchmark("imagenet")
+    quick = args.quick
+    cifar_images = args.cifar_images or (2 if quick else 10_000)
+    imagenet_images = args.imagenet_images or (1 if quick else 256)
+    imagenet_grid = GridSpec(imagenet.grid.box, 3, 3, 3) if quick else imagenet.grid
+    shapes = [
+        Shape("cifar10-shaped", "cifar10", "resnet32", 10, cifar_images,
+              256 if quick else 1024, cifar.grid),
+        Shape("imagenet-shaped", "imagenet", "torchvision/resnet50", 1000, imagenet_images,
+              8 if quick else 256, imagenet_grid),
+    ]  # fmt: skip
+    return [shape for shape in shapes if args.shapes is None or shape.name in args.shapes]
+
+
+ALL_CONFIGS = (
+    RunConfig(bf16=False, channels_last=False),
+    RunConfig(bf16=False, channels_last=True),
+    RunConfig(bf16=True, channels_last=True),
+    RunConfig(bf16=True, channels_last=True, compile=Compile.COMPILE),
+    RunConfig(bf16=True, channels_last=True, compile=Compile.CUDA_GRAPHS),
+)
+
+
+def run_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """fp32 as uploaded, then the layout and precision the service can choose, then compiled
+    (by default on a GPU only, and CUDA graphs only there: on a CPU there is no launch
+    overhead for them to remove); ``--configs`` picks by key."""
+    if args.configs:
+        return [c for c in ALL_CONFIGS if c.key in args.configs]
+    on_gpu = torch.device(args.device).type == "cuda"
+    compile_models = on_gpu if args.compile is None else args.compile
+    return [
+        c
+        for c in ALL_CONFIGS
+        if (c.compile is Compile.EAGER or compile_models)
+        and (c.compile is not Compile.CUDA_GRAPHS or on_gpu)
+    ]
+
+
+class FullBatches(torch.nn.Module):
+    """Pads every batch to ``batch`` images: a compiled model then sees one shape, so it is
+    compiled (and its CUDA graph recorded) once, not again for each short last batch."""
+
+    def __init__(self, model: torch.nn.Module, batch: int) -> None:
+        super().__init__()
+        self.model, self.batch = model, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n < self.batch:
+            x = torch.cat([x, x[:1].expand(self.batch - n, *x.shape[1:])])
+        # A CUDA graph writes every replay's output into the same memory: copy it out.
+        return self.model(x)[:n].clone()
+
+
+def build_model(shape: Shape, config: RunConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = get_architecture(shape.architecture).build(shape.num_classes).eval()
+    if config.compile is Compile.EAGER:
+        return model
+    mode = "reduce-overhead" if config.compile is Compile.CUDA_GRAPHS else None
+    compiled = torch.compile(model, mode=mode, dynamic=False)
+    return FullBatches(compiled, shape.batch_size)  # type: ignore[arg-type]
+
+
+def grid_attack_seconds(
+    classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, shape: Shape
+) -> tuple[float, int]:
+    """The grid attack as the service runs it without early exit: images in chunks of
+    ``chunk_bytes``, a natural pass, then every grid point of every image. Returns the wall
+    time and the forward passes."""
+    spec = get_benchmark(shape.benchmark)
+    points, identity = shape.grid.points(), shape.grid.identity_index()
+    c, h, w = images.shape[1:]
+    chunk = max(classifier.batch_size, EvalOptions().chunk_bytes // (c * h * w * 4))
+    passes_before = classifier.forward_passes
+    _sync(classifier.device)
+    start = time.perf_counter()
+    for first in range(0, len(images), chunk):
+        x, y = images[first : first + chunk], labels[first : first + chunk]
+        natural = classifier.logits(x).argmax(dim=1)
+        known = None if identity is None else (identity, natural == y, natural)
+        search_candidates(
+            grid_pair_predictor(classifier, x, points, spec.fill),
+            y,
+            shape.grid.size,
+            pairs_per_batch=classifier.batch_size,
+            order=CandidateOrder(shape.grid.prior_order()),
+            exhaustive=torch.ones(len(y), dtype=torch.bool),
+            known=known,
+        )
+    _sync(classifier.device)
+    return time.perf_counter() - start, classifier.forward_passes - passes_before
+
+
+def transform_seconds(images: torch.Tensor, shape: Shape, batch: int, pairs: int) -> float:
+    """Resampling alone, for ``pairs`` (image, grid point) pairs in batches as the attack
+    makes them: the transform's part of the attack's time."""
+    fill = get_benchmark(shape.benchmark).fill
+    points = shape.grid.points().to(images.device)
+
+    def resample(first: int, last: int) -> None:
+        pair = torch.arange(first, last, device=images.device)
+        rows = pair // len(points) % len(images)
+        spatial_transform(images[rows], points[pair % len(points)], fill)
+
+    resample(0, min(batch, pairs))  # warm-up
+    _sync(images.device)
+    start = time.perf_counter()
+    for first in range(0, pairs, batch):
+        resample(first, min(first + batch, pairs))
+    _sync(images.device)
+    return time.perf_counter() - start
+
+
+def bench_synthetic(shape: Shape, config: RunConfig, args: argparse.Namespace) -> SyntheticRow:
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    size = get_architecture(shape.architecture).input_size
+    images = torch.rand(shape.images, 3, *size, generator=generator).to(device)
+    labels = torch.randint(shape.num_classes, (shape.images,), generator=generator).to(device)
+    classifier = Classifier(
+        build_model(shape, config),
+        shape.num_classes,
+        device=device,
+        batch_size=shape.batch_size,
+        bf16=config.bf16,
+        channels_last=config.channels_last,
+    )
+    # Warm-up, and compilation (one batch shape, see FullBatches), before anything is timed.
+    grid_attack_seconds(classifier, images[:1], labels[:1], shape)
+    plain_inference_seconds(classifier, images, classifier.batch_size)
+
+    inference_passes = classifier.batch_size * args.inference_batches
+    inference_s = plain_inference_seconds(classifier, images, inference_passes)
+    attack_s, passes = grid_attack_seconds(classifier, images, labels, shape)
+    transform_s = transform_seconds(images, shape, classifier.batch_size, passes)
+    return SyntheticRow(
+        shape=shape.name,
+        config=config.name,
+        images=shape.images,
+        grid_points=shape.grid.size,
+        batch=classifier.batch_size,
+        inference_ips=inference_passes / inference_s,
+        attack_ips=shape.images / attack_s,
+        attack_passes_per_s=passes / attack_s,
+        transform_share=transform_s / attack_s,
+    )
+
+
+# --- The command -------------------------------------------------------------------------------
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def run_digits(args: argparse.Namespace) -> None:
     models: list[tuple[str, torch.nn.Module]] = []
     for method in ("standard", "augmentation", "worst-of-10"):
         path = ROOT / "baselines" / f"digits-{method}.safetensors"
@@ -172,12 +425,84 @@ def main() -> None:
     header = ["model", "images", "grid acc", "(a) attack s", "(b) inference s", "(a)/(b)",
               "(c) grid passes", "of 775 x N", "no early exit s"]  # fmt: skip
     rows = [bench_model(name, model, args).cells() for name, model in models]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(f"device {args.device}, batch {args.batch_size}, {'bf16' if args.bf16 else 'fp32'}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(header, rows)
+
+
+def run_synthetic(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {args.device} ({name}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, full grid (no early exit)"
+          f"{', quick sizes' if args.quick else ''}", flush=True)  # fmt: skip
+    rows = []
+    for shape in synthetic_shapes(args):
+        for config in run_configs(args):
+            start = time.perf_counter()
+            row = bench_synthetic(shape, config, args)
+            print(f"  {row.shape}, {row.config}: {row.attack_ips:,.2f} img/s "
+                  f"({time.perf_counter() - start:.0f} s with warm-up)", flush=True)  # fmt: skip
+            rows.append(row.cells())
+    print_table(SYNTHETIC_HEADER, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--suite",
+        choices=["digits", "synthetic"],
+        help="default: synthetic on a GPU, digits on a CPU",
+    )
+    digits = parser.add_argument_group("digits suite")
+    digits.add_argument("--batch-size", type=int, default=512)
+    digits.add_argument("--bf16", action="store_true")
+    digits.add_argument(
+        "--repeat", type=int, default=1, help="evaluate the 540 digits N times over"
+    )
+    digits.add_argument("--rounds", type=int, default=3, help="alternate (a) and (b) this often")
+    digits.add_argument(
+        "--full-grid", action="store_true", help="also time the grid without early exit"
+    )
+    digits.add_argument(
+        "--resnet", action="store_true", help="add an untrained ResNet-32 (slow on a CPU)"
+    )
+    synthetic = parser.add_argument_group("synthetic suite")
+    synthetic.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=["cifar10-shaped", "imagenet-shaped"],
+        help="run only these (default: both)",
+    )
+    synthetic.add_argument("--quick", action="store_true", help="sizes a CPU runs in minutes")
+    synthetic.add_argument("--cifar-images", type=int, help="default 10,000 (--quick: 2)")
+    synthetic.add_argument("--imagenet-images", type=int, help="default 256 (--quick: 1)")
+    synthetic.add_argument(
+        "--inference-batches", type=int, default=50, help="batches timed for plain inference"
+    )
+    synthetic.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run under torch.compile (default: on a GPU only; a CPU compiles slowly)",
+    )
+    synthetic.add_argument(
+        "--configs",
+        nargs="+",
+        choices=[c.key for c in ALL_CONFIGS],
+        help="run only these ways (overrides --compile)",
+    )
+    args = parser.parse_args()
+    suite = args.suite or ("synthetic" if torch.device(args.device).type == "cuda" else "digits")
+    if args.quick and args.inference_batches == parser.get_default("inference_batches"):
+        args.inference_batches = 2
+    if suite == "synthetic":
+        run_synthetic(args)
+    else:
+        run_digits(args)
 
 
 if __name__ == "__main__":
