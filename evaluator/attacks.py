@@ -1,5 +1,10 @@
 """The attacks: exhaustive grid, random, worst-of-k, and the majority-vote defense under them.
 
+The defense is attacked under a named attacker model (`VoteProtocol`): ``adaptive`` fixes the
+defense's draws for an image and searches the grid against that one defended classifier,
+``per-query`` draws afresh at every grid point, ``transfer`` attacks the undefended model and
+lets the vote decide once at the point it chose.
+
 All of them are one search: for each image, a list of candidate transformations (the grid
 points, or k random draws), and the question "is the image classified correctly under every
 candidate?". `search_candidates` answers it in large batches of (image, candidate) pairs taken
@@ -12,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evaluator.errors import EvaluationCancelled, ModelOutputError
@@ -26,6 +33,7 @@ from evaluator.transforms import (
 )
 
 __all__ = [
+    "VoteProtocol",
     "Classifier",
     "CandidateOrder",
     "SearchOutcome",
@@ -37,6 +45,38 @@ __all__ = [
 STREAM_WORST_OF_K = 1
 STREAM_VOTE_NATURAL = 2
 STREAM_VOTE_GRID = 3
+STREAM_FIRST_ORDER = 4
+
+
+class VoteProtocol(StrEnum):
+    """What the attacker of the vote defense may do; every grid + vote number names one."""
+
+    ADAPTIVE = "adaptive"
+    PER_QUERY = "per-query"
+    TRANSFER = "transfer"
+
+    @property
+    def metric_key(self) -> str:
+        """The result key of grid + vote under this attacker (``grid_vote`` is the headline)."""
+        return "grid_vote" if self is VoteProtocol.ADAPTIVE else f"grid_vote_{self.name.lower()}"
+
+    @property
+    def description(self) -> str:
+        return VOTE_PROTOCOL_DESCRIPTIONS[self]
+
+
+VOTE_PROTOCOL_DESCRIPTIONS = {
+    VoteProtocol.ADAPTIVE: (
+        "the defense's draws for an image are fixed; the attacker searches all grid points "
+        "against that defended classifier"
+    ),
+    VoteProtocol.PER_QUERY: (
+        "the defense draws afresh at every grid point; the attacker wins if any one vote is wrong"
+    ),
+    VoteProtocol.TRANSFER: (
+        "the attacker picks the undefended model's worst grid point; the vote decides there once"
+    ),
+}
 
 
 class Classifier:
@@ -90,6 +130,32 @@ class Classifier:
             torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
         ):
             out = self.model(batch)
+        out = self._checked(out, batch)
+        self.forward_passes += batch.shape[0]
+        return out
+
+    def logits_with_grad(self, images: Tensor) -> Tensor:
+        """Float32 logits that autograd can differentiate with respect to ``images``.
+
+        One forward pass per image, counted. Runs outside inference mode with gradients on
+        whatever the caller's mode; the model's parameters are never asked for gradients by
+        this class (the model may live in another process and have none), and the model is
+        used in the mode it was given in, eval.
+        """
+        batch = images
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            out = self.model(batch)
+        out = self._checked(out, batch)
+        self.forward_passes += batch.shape[0]
+        return out
+
+    def _checked(self, out: object, batch: Tensor) -> Tensor:
         if isinstance(out, (tuple, list)):
             out = out[0]
         if not isinstance(out, Tensor) or out.shape != (batch.shape[0], self.num_classes):
@@ -100,12 +166,11 @@ class Classifier:
                 "classes and that the model takes (N, C, H, W) images in [0, 1]."
             )
         out = out.float()
-        if not bool(torch.isfinite(out).all()):
+        if not bool(torch.isfinite(out.detach()).all()):
             raise ModelOutputError(
                 "the model produced NaN or infinite logits; check the weights and the "
                 "normalisation (mean/std), and that the model is in eval mode."
             )
-        self.forward_passes += batch.shape[0]
         return out
 
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -294,15 +359,30 @@ def vote_predict(
     """The defended label of each input: majority of the model over ``samples`` transformations
     drawn from ``box``, keyed by ``(seed, stream, image id, slot)`` and applied to the input
     as it arrives (a second resampling when the input is already transformed)."""
-    n = inputs.shape[0]
     draws = uniform_transforms(box, seed, stream, image_ids, samples, slots).to(inputs.device)
+    return vote_with_draws(classifier, inputs, draws, fill)
+
+
+def vote_with_draws(
+    classifier: Classifier, inputs: Tensor, draws: Tensor, fill: FillMode
+) -> Tensor:
+    """The defended label of each input given its draws ``(N, k, 3)``: the majority of the
+    model over the ``k`` transformations applied to the input as it arrives."""
+    n, samples = draws.shape[:2]
     expanded = (
         inputs.unsqueeze(1)
         .expand(n, samples, *inputs.shape[1:])
         .reshape(n * samples, *inputs.shape[1:])
     )
-    labels, probs = classifier.predict(spatial_transform(expanded, draws.view(-1, 3), fill))
+    labels, probs = classifier.predict(spatial_transform(expanded, draws.reshape(-1, 3), fill))
     return majority_vote(labels.view(n, samples), probs.view(n, samples, -1))
+
+
+def fixed_vote_draws(box: TransformBox, image_ids: Tensor, *, seed: int, samples: int) -> Tensor:
+    """The defense's draws ``(N, samples, 3)`` for each image, fixed by ``(seed, image id)``:
+    the same as the vote's natural accuracy uses, so the adaptive and transfer attackers face
+    the very classifier whose natural accuracy is reported."""
+    return uniform_transforms(box, seed, STREAM_VOTE_NATURAL, image_ids, samples, 0)
 
 
 def grid_vote_pair_predictor(
@@ -335,6 +415,49 @@ def grid_vote_pair_predictor(
         )
 
     return predict
+
+
+def fixed_vote_pair_predictor(
+    classifier: Classifier,
+    images: Tensor,
+    draws: Tensor,
+    points: Tensor,
+    fill: FillMode,
+) -> PairPredictor:
+    """Defended predictions for (image, grid point) pairs under the ``adaptive`` attacker:
+    the attack's transformation, then a vote over the image's fixed ``draws`` ``(N, k, 3)``,
+    the same at every grid point."""
+    points = points.to(images.device)
+    draws = draws.to(images.device)
+
+    def predict(rows: Tensor, cands: Tensor) -> Tensor:
+        attacked = spatial_transform(images[rows], points[cands], fill)
+        return vote_with_draws(classifier, attacked, draws[rows], fill)
+
+    return predict
+
+
+def undefended_worst_points(
+    classifier: Classifier, images: Tensor, labels: Tensor, points: Tensor, fill: FillMode
+) -> Tensor:
+    """The ``transfer`` attacker's choice, per image: of all grid ``points``, a point the
+    undefended model misclassifies if there is one, else the one of highest cross-entropy
+    (among misclassified points, also the highest cross-entropy). Returns ``(N,)`` point
+    indices; costs one forward pass per (image, point)."""
+    n, p = images.shape[0], points.shape[0]
+    points = points.to(images.device)
+    loss = torch.empty(n * p, dtype=torch.float64, device=images.device)
+    wrong = torch.empty(n * p, dtype=torch.bool, device=images.device)
+    for start in range(0, n * p, classifier.batch_size):
+        flat = torch.arange(start, min(start + classifier.batch_size, n * p), device=images.device)
+        rows, cands = flat // p, flat % p
+        logits = classifier.logits(spatial_transform(images[rows], points[cands], fill))
+        loss[flat] = F.cross_entropy(logits, labels[rows], reduction="none").double()
+        wrong[flat] = logits.argmax(dim=1) != labels[rows]
+    loss, wrong = loss.view(n, p), wrong.view(n, p)
+    # Misclassified points first: where an image has any, the others drop out of the argmax.
+    eligible = wrong | ~wrong.any(dim=1, keepdim=True)
+    return torch.where(eligible, loss, -torch.inf).argmax(dim=1)
 
 
 def check_cancel(should_stop: Callable[[], bool] | None) -> None:

@@ -12,10 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from evaluator.ablations import Ablation
+from evaluator.attacks import VoteProtocol
 from evaluator.errors import UnknownBenchmarkError
 from evaluator.transforms import FillMode, GridSpec, TransformBox
+
+E = TypeVar("E", bound=StrEnum)
 
 __all__ = [
     "DatasetKind",
@@ -45,6 +49,11 @@ class BenchmarkSpec:
     ``vote_subset`` and ``landscape_subset`` bound how many images (the first of the fixed
     evaluation order) the expensive metrics use; None means all. They are stored with every
     result and shown next to the number.
+
+    The service's defaults for the optional measurements: ``vote_protocols`` (the attacker
+    models grid + vote is measured under; all three unless a benchmark says otherwise),
+    ``first_order`` (the gradient attack, on ``first_order_subset`` images) and ``ablations``
+    (on ``ablation_subset`` images). An evaluation may ask for others.
     """
 
     name: str
@@ -61,6 +70,11 @@ class BenchmarkSpec:
     vote_samples: int = 10
     vote_subset: int | None = None
     landscape_subset: int | None = None
+    vote_protocols: tuple[VoteProtocol, ...] = tuple(VoteProtocol)
+    first_order: bool = False
+    first_order_subset: int | None = None
+    ablations: tuple[Ablation, ...] = ()
+    ablation_subset: int | None = None
     # imagefolder: the directory (relative to the data directory, or absolute).
     path: str | None = None
     # ImageNet-style preprocessing: resize the shorter side, then centre-crop to image_size.
@@ -92,6 +106,11 @@ class BenchmarkSpec:
             "vote_samples": self.vote_samples,
             "vote_subset": self.vote_subset,
             "landscape_subset": self.landscape_subset,
+            "vote_protocols": [p.value for p in self.vote_protocols],
+            "first_order": self.first_order,
+            "first_order_subset": self.first_order_subset,
+            "ablations": [a.value for a in self.ablations],
+            "ablation_subset": self.ablation_subset,
             "description": self.description,
         }
 
@@ -155,6 +174,10 @@ BUILTIN_BENCHMARKS: dict[str, BenchmarkSpec] = {
             # Small enough that the demo's three baselines finish in minutes on 2 CPU cores.
             vote_subset=50,
             landscape_subset=100,
+            first_order=True,
+            first_order_subset=200,
+            ablations=tuple(Ablation),
+            ablation_subset=100,
             description=(
                 "scikit-learn's bundled 8x8 digits, upscaled to 3x32x32; a fixed test split "
                 "of 540 images. Runs in minutes on a CPU."
@@ -183,12 +206,16 @@ def benchmark_from_mapping(name: str, table: Mapping[str, Any]) -> BenchmarkSpec
     """A benchmark from a TOML table. Keys: ``dataset`` (required), ``path``, ``num_classes``,
     ``image_size`` ([H, W] or one number), ``channels``, ``max_rotation``, ``max_translation``
     (pixels; one number or [dx, dy]), ``grid`` ([n_theta, n_dx, n_dy]), ``fill``, ``seed``,
-    ``worst_of_k``, ``vote_samples``, ``vote_subset``, ``landscape_subset``, ``resize``,
-    ``split``, ``title``, ``description``. A built-in name as ``base`` starts from that one."""
+    ``worst_of_k``, ``vote_samples``, ``vote_subset``, ``landscape_subset``,
+    ``vote_protocols`` (a list of adaptive, per-query, transfer), ``first_order`` (true or
+    false), ``first_order_subset``, ``ablations`` (a list of `Ablation` names),
+    ``ablation_subset``, ``resize``, ``split``, ``title``, ``description``. A built-in name as
+    ``base`` starts from that one."""
     allowed = {
         "dataset", "path", "num_classes", "image_size", "channels", "max_rotation",
         "max_translation", "grid", "fill", "seed", "worst_of_k", "vote_samples", "vote_subset",
-        "landscape_subset", "resize", "split", "title", "description", "base",
+        "landscape_subset", "vote_protocols", "first_order", "first_order_subset", "ablations",
+        "ablation_subset", "resize", "split", "title", "description", "base",
     }  # fmt: skip
     unknown = set(table) - allowed
     if unknown:
@@ -223,11 +250,16 @@ def benchmark_from_mapping(name: str, table: Mapping[str, Any]) -> BenchmarkSpec
         "description": table.get("description", ""),
     }
     for key in ("seed", "worst_of_k", "vote_samples", "vote_subset", "landscape_subset",
-                "resize", "path"):  # fmt: skip
+                "first_order", "first_order_subset", "ablation_subset", "resize",
+                "path"):  # fmt: skip
         if key in table:
             fields[key] = table[key]
     if "fill" in table:
         fields["fill"] = FillMode(table["fill"])
+    if "vote_protocols" in table:
+        fields["vote_protocols"] = _names(name, "vote_protocols", table, VoteProtocol)
+    if "ablations" in table:
+        fields["ablations"] = _names(name, "ablations", table, Ablation)
     if dataset is DatasetKind.IMAGEFOLDER and not fields.get("path", base.path if base else None):
         raise ValueError(f"benchmark {name!r}: an imagefolder benchmark needs 'path'")
     if base is not None:
@@ -235,6 +267,18 @@ def benchmark_from_mapping(name: str, table: Mapping[str, Any]) -> BenchmarkSpec
     if dataset is not DatasetKind.IMAGEFOLDER and fields["num_classes"] <= 0:
         raise ValueError(f"benchmark {name!r}: give num_classes")
     return BenchmarkSpec(**fields)
+
+
+def _names(name: str, key: str, table: Mapping[str, Any], kind: type[E]) -> tuple[E, ...]:
+    """A list of names from a closed vocabulary, in the vocabulary's own order."""
+    values = table[key]
+    if isinstance(values, str):
+        values = [values]
+    known = [e.value for e in kind]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"benchmark {name!r}: unknown {key} {unknown}; known: {known}")
+    return tuple(e for e in kind if e.value in values)
 
 
 def load_benchmark_file(path: str | Path) -> dict[str, BenchmarkSpec]:

@@ -35,3 +35,8 @@ class ModelOutputError(EvaluatorError):
 
 class EvaluationCancelled(EvaluatorError):
     """The caller asked the evaluation to stop."""
+
+
+class ModelNotDifferentiableError(EvaluatorError):
+    """The model's logits cannot be differentiated with respect to its input, so a gradient
+    attack cannot run; the first-order metric is reported as not available, not as a number."""

@@ -40,6 +40,8 @@ __all__ = [
     "TransformBox",
     "GridSpec",
     "affine_matrices",
+    "centre_on_canvas",
+    "differentiable_transform",
     "spatial_transform",
     "transform_product",
     "uniform_transforms",
@@ -61,12 +63,18 @@ def _cos_sin_degrees(theta: Tensor) -> tuple[Tensor, Tensor]:
     centres instead of 6e-17 away from them.
     """
     rad = torch.deg2rad(theta.to(torch.float64))
-    cos, sin = torch.cos(rad), torch.sin(rad)
+    raw_cos, raw_sin = torch.cos(rad), torch.sin(rad)
     eps = 1e-12
-    cos = torch.where(cos.abs() < eps, torch.zeros_like(cos), cos)
-    sin = torch.where(sin.abs() < eps, torch.zeros_like(sin), sin)
+    cos = torch.where(raw_cos.abs() < eps, torch.zeros_like(raw_cos), raw_cos)
+    sin = torch.where(raw_sin.abs() < eps, torch.zeros_like(raw_sin), raw_sin)
     cos = torch.where((cos.abs() - 1).abs() < eps, cos.sign(), cos)
     sin = torch.where((sin.abs() - 1).abs() < eps, sin.sign(), sin)
+    if theta.requires_grad:
+        # The snapped branch is constant, so a gradient attack starting at 0 degrees would
+        # never turn: pass the unsnapped derivative through. ``raw + (snapped - raw)`` is
+        # exactly ``snapped`` here, as the two differ by less than 1e-12.
+        cos = raw_cos + (cos - raw_cos).detach()
+        sin = raw_sin + (sin - raw_sin).detach()
     return cos, sin
 
 
@@ -127,6 +135,50 @@ def spatial_transform(
     if bool(identity.any()):
         out = torch.where(identity[:, None, None, None], images, out)
     return out
+
+
+def differentiable_transform(
+    images: Tensor, params: Tensor, fill: FillMode | str = FillMode.ZEROS
+) -> Tensor:
+    """`spatial_transform` with gradients: the same geometry, differentiable in ``params``.
+
+    ``images`` ``(N, C, H, W)`` and ``params`` ``(N, 3)`` as ``(theta_deg, dx_px, dy_px)``;
+    gradients flow to both. Every row is resampled in the images' dtype: no bit-exact path
+    for pixel-aligned moves and no identity shortcut (both would cut the gradient), so at
+    such points the result differs from `spatial_transform` by rounding (about 1e-7 in
+    float32). For the first-order attack; the grid uses `spatial_transform`.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    if params.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {params.shape[0]} transformations")
+    h, w = images.shape[-2:]
+    matrices = affine_matrices(params, h, w).to(images.device)
+    grid = _sampling_grid(matrices, h, w, images.dtype)
+    return F.grid_sample(images, grid, "bilinear", FillMode(fill).value, align_corners=False)
+
+
+def centre_on_canvas(images: Tensor, factor: int = 2) -> Tensor:
+    """The images centred on a zero (black) canvas ``factor`` times their side.
+
+    ``(N, C, H, W) -> (N, C, factor*H, factor*W)``, the image occupying rows
+    ``(factor-1)*H//2`` onwards (columns likewise). With even padding the image centre is the
+    canvas centre, so a rotation about the canvas centre turns the image about its own centre,
+    and a box of moves that keeps the image inside the canvas never cuts content. Pixels stay
+    pixels: a translation of ``dx`` moves the content ``dx`` pixels on the canvas too.
+
+    >>> centre_on_canvas(torch.ones(1, 1, 2, 2))[0, 0]
+    tensor([[0., 0., 0., 0.],
+            [0., 1., 1., 0.],
+            [0., 1., 1., 0.],
+            [0., 0., 0., 0.]])
+    """
+    if factor < 1:
+        raise ValueError(f"the canvas factor must be at least 1, got {factor}")
+    h, w = images.shape[-2:]
+    extra_h, extra_w = (factor - 1) * h, (factor - 1) * w
+    top, left = extra_h // 2, extra_w // 2
+    return F.pad(images, (left, extra_w - left, top, extra_h - top))
 
 
 def _sampling_grid(matrices: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:

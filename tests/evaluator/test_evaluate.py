@@ -20,6 +20,8 @@ BENCH = replace(
     worst_of_k=6,
     vote_subset=None,
     landscape_subset=None,
+    first_order=False,
+    ablations=(),
 )
 
 
@@ -43,6 +45,8 @@ def test_every_metric_is_reported_over_every_image(result) -> None:
         "grid",
         "vote_natural",
         "grid_vote",
+        "grid_vote_per_query",
+        "grid_vote_transfer",
     }
     assert all(m.total == 80 for m in result.metrics.values())
     assert result.metrics["natural"].correct == 72  # a tenth of the labels were flipped
@@ -52,7 +56,8 @@ def test_attacks_never_beat_natural_accuracy(result) -> None:
     acc = {k: v.correct for k, v in result.metrics.items()}
     assert acc["grid"] <= acc["natural"]
     assert acc["grid"] <= acc["worst_of_k"] <= acc["random"]
-    assert acc["grid_vote"] <= 80
+    assert acc["grid_vote"] <= acc["vote_natural"]
+    assert acc["grid_vote"] <= acc["grid_vote_transfer"]
 
 
 def test_the_ordering_holds_image_by_image(result) -> None:
@@ -68,7 +73,14 @@ def test_the_grid_means_something_here(result) -> None:
 def test_early_exit_and_the_full_grid_agree_image_by_image(device: torch.device) -> None:
     early = run(device, landscape_subset=0)
     full = run(device, early_exit=False)
-    for key in ("grid_robust", "worst_of_k_correct", "random_correct", "grid_vote_robust"):
+    for key in (
+        "grid_robust",
+        "worst_of_k_correct",
+        "random_correct",
+        "grid_vote_robust",
+        "grid_vote_per_query_robust",
+        "grid_vote_transfer_correct",
+    ):
         assert early.per_image[key] == full.per_image[key], key
     assert early.cost["forward_passes"] < full.cost["forward_passes"]
 
@@ -120,7 +132,15 @@ def test_progress_is_reported_and_reaches_the_end() -> None:
     evaluate(Classifier(model, 10), self_labelled(model, 30), BENCH, progress=seen.append)
     fractions = [p.fraction for p in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
-    assert {p.phase for p in seen} == {"natural", "worst-of-k", "grid", "vote", "grid+vote"}
+    assert {p.phase for p in seen} == {
+        "natural",
+        "worst-of-k",
+        "grid",
+        "vote",
+        "grid+vote",
+        "grid+vote per-query",
+        "grid+vote transfer",
+    }
     assert seen[-1].forward_passes > 0
 
 
