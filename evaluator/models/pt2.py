@@ -260,6 +260,7 @@ class _Member(StrEnum):
     WEIGHTS_CONFIG = "weights config"
     CONSTANTS_CONFIG = "constants config"
     SAMPLE_INPUTS = "sample inputs"
+    EXTRA = "extra file"  # torch.export.save(extra_files=...): text nothing reads
     WEIGHT = "weight"
     CONSTANT = "constant"
 
@@ -280,6 +281,8 @@ def _member_kind(rel: str) -> _Member | None:
         return fixed[rel]
     if rel.startswith(pt2.SAMPLE_INPUTS_DIR):
         return _Member.SAMPLE_INPUTS
+    if rel.startswith(pt2.EXTRA_DIR):
+        return _Member.EXTRA
     if re.fullmatch(re.escape(pt2.WEIGHTS_DIR + pt2.WEIGHT_FILENAME_PREFIX) + r"[0-9]+", rel):
         return _Member.WEIGHT
     constant = pt2.CONSTANTS_DIR + pt2.TENSOR_CONSTANT_FILENAME_PREFIX
