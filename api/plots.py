@@ -136,6 +136,7 @@ def landscape_svg(landscape: dict[str, Any] | None) -> bytes:
                         markeredgecolor="white", linestyle="none")  # fmt: skip
         axes[-1].set_xlabel("rotation θ (degrees)")
         axes[-1].set_xticks(_angle_ticks(thetas))
+        assert image is not None  # there is at least one dx panel
         cbar = fig.colorbar(image, ax=list(axes), fraction=0.035, pad=0.02)
         cbar.set_label("accuracy (%)")
         cbar.outline.set_visible(False)

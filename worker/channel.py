@@ -114,7 +114,7 @@ class FrameChannel:
         header = FRAME_HEADER.pack(FRAME_MAGIC, kind, dtype, data.ndim, code, *shape, length)
         self._write(memoryview(header))
         if length:
-            self._write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            self._write(data.view(torch.uint8).reshape(-1).numpy().data)
 
     def send_error(self, report: ModelProcessError) -> None:
         text = report.model_dump_json().encode()[:MAX_ERROR_BYTES]
@@ -150,7 +150,7 @@ class FrameChannel:
             raise ValueError(f"a frame of {frame.length} bytes, over {max_bytes}")
         tensor = torch.empty(frame.shape, dtype=_TORCH_DTYPES[frame.dtype])
         if frame.length:
-            self._read_into(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))
+            self._read_into(tensor.view(torch.uint8).reshape(-1).numpy().data)
         return tensor
 
     def skip_payload(self, frame: Frame) -> None:
@@ -271,13 +271,13 @@ class ModelClient:
 
 class _RemoteForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, images: Tensor, client: ModelClient) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, images: Tensor, client: ModelClient) -> Tensor:
         ctx.client = client
         ctx.save_for_backward(images)
         return client.logits(images)
 
     @staticmethod
-    def backward(ctx: Any, grad_logits: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_logits: Tensor) -> tuple[Tensor, None]:
         (images,) = ctx.saved_tensors
         return ctx.client.vjp(images, grad_logits), None
 

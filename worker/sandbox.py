@@ -287,8 +287,8 @@ def sandbox_prefix(
     cmd += ["--hostname", f"sandbox-{role.value}", "--proc", "/proc", "--dev", "/dev"]
     # Writable by the sandbox user only through its sticky /tmp.
     cmd += ["--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", str(SANDBOX_TMP)]
-    for path in (*_SYSTEM_RO, *_ETC_RO):
-        cmd += ["--ro-bind-try", path, path]
+    for system in (*_SYSTEM_RO, *_ETC_RO):
+        cmd += ["--ro-bind-try", system, system]
     paths = interpreter_paths()
     targets = [*paths, *(target for _option, _source, target in binds)]
     # The folders above the mounts are made by bubblewrap; they must be traversable by the
@@ -469,7 +469,8 @@ def run_sandboxed(
         answer_r, answer_w = os.pipe()  # model -> evaluator
         report_r, report_w = os.pipe()  # evaluator -> this process
         fds += [request_r, request_w, answer_r, answer_w, report_r, report_w]
-        gpu = job.device not in ("cpu",)
+        # The NVIDIA device files (and /sys, which CUDA reads) only where a GPU may be used.
+        gpu = job.device != "cpu" and Path("/dev/nvidiactl").exists()
         env = child_environment(limits.threads)
         sandbox_model = SANDBOX_JOB / model_copy.name
         model = _Process(
