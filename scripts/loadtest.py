@@ -190,7 +190,10 @@ class Phase:
     paths: list[str]
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    unsent: int = 0
     wall_s: float = 0.0
+    api_cpu_s: float = 0.0
+    load: tuple[float, float] = (0.0, 0.0)
     running: tuple[bool, bool] = (False, False)
 
     def error(self, what: str) -> None:
@@ -227,11 +230,16 @@ async def run_phase(
     counter = iter(range(total))
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.2
+    # A server that falls behind is not waited for: past this, what is left is not sent.
+    cutoff = start + 2 * duration + 5
 
     async def client() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             for i in counter:
+                if loop.time() > cutoff:
+                    phase.unsent += 1
+                    continue
                 due = start + i / rate
                 delay = due - loop.time()
                 if delay > 0:
@@ -254,6 +262,12 @@ async def run_phase(
     phase.wall_s = time.monotonic() - began - 0.2
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
@@ -274,8 +288,13 @@ def report(phases: list[Phase], rate: float, connections: int) -> None:
               f"{statistics.median(lat):>7.1f} {percentile(lat, 0.9):>7.1f} "
               f"{percentile(lat, 0.99):>7.1f} {max(lat):>7.1f}  "
               f"{'yes' if p.running[0] else 'NO'}, {'yes' if p.running[1] else 'NO'}")  # fmt: skip
+        print(f"{'':<34} API process CPU: {p.api_cpu_s / max(1, len(lat)) * 1000:.2f} ms per "
+              f"request; load average {p.load[0]:.1f} -> {p.load[1]:.1f} on {os.cpu_count()} "
+              "cores")  # fmt: skip
         if p.errors:
             print(f"{'':<34} errors: {p.errors}")
+        if p.unsent:
+            print(f"{'':<34} not sent (the phase ran past twice its length): {p.unsent}")
 
 
 # --- Main --------------------------------------------------------------------------------------
@@ -283,6 +302,10 @@ def report(phases: list[Phase], rate: float, connections: int) -> None:
 
 def _alarm(_signum: int, _frame: object) -> None:
     raise TimeoutError("the load test passed its --max-seconds cap")
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise SystemExit("terminated")
 
 
 def main() -> None:
@@ -296,6 +319,7 @@ def main() -> None:
     if not 0 < args.rate <= 2000 or not 0 < args.duration <= 120 or args.connections > 200:
         parser.error("rate in (0, 2000], duration in (0, 120], at most 200 connections")
     signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGTERM, _terminate)  # so the service is stopped on the way out
     signal.alarm(args.max_seconds)
 
     folder = Path(tempfile.mkdtemp(prefix="spatialbench-loadtest-"))
@@ -329,8 +353,11 @@ def main() -> None:
         ]
         for phase in phases:
             before = running_id(service, token, ids) is not None
+            cpu, load = cpu_seconds(service.proc.pid), os.getloadavg()[0]
             asyncio.run(run_phase(phase, service.port, token, args.rate, args.duration,
                                   args.connections))  # fmt: skip
+            phase.api_cpu_s = cpu_seconds(service.proc.pid) - cpu
+            phase.load = (load, os.getloadavg()[0])
             phase.running = (before, running_id(service, token, ids) is not None)
             print(f"  {phase.name}: done", flush=True)
         report(phases, args.rate, args.connections)

@@ -12,7 +12,7 @@ import secrets
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from api.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from api.schemas import as_utc
@@ -125,7 +125,7 @@ def authenticate(session: Session, token: str, now: datetime | None = None) -> U
     Records the time of use (at most once a minute per token).
     """
     row = session.scalar(
-        select(ApiToken).options(selectinload(ApiToken.user)).where(
+        select(ApiToken).options(joinedload(ApiToken.user)).where(
             ApiToken.token_hash == hash_token(token)
         )
     )
