@@ -452,7 +452,9 @@ def undefended_worst_points(
         flat = torch.arange(start, min(start + classifier.batch_size, n * p), device=images.device)
         rows, cands = flat // p, flat % p
         logits = classifier.logits(spatial_transform(images[rows], points[cands], fill))
-        loss[flat] = F.cross_entropy(logits, labels[rows], reduction="none").double()
+        # In float64: a confident model's float32 cross-entropy rounds to 0 at every point,
+        # which would leave the choice to the order of the grid.
+        loss[flat] = F.cross_entropy(logits.double(), labels[rows], reduction="none")
         wrong[flat] = logits.argmax(dim=1) != labels[rows]
     loss, wrong = loss.view(n, p), wrong.view(n, p)
     # Misclassified points first: where an image has any, the others drop out of the argmax.

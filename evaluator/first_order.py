@@ -110,7 +110,7 @@ def first_order_attack(
     # Inference tensors (made under inference_mode) cannot enter an autograd graph.
     images = images.detach().clone()
     worst_point = torch.zeros(n, 3, device=device)
-    worst_loss = torch.full((n,), -torch.inf, device=device)
+    worst_loss = torch.full((n,), -torch.inf, dtype=torch.float64, device=device)
     worst_wrong = torch.zeros(n, dtype=torch.bool, device=device)
     per_batch = max(1, classifier.batch_size // config.restarts)
     for start in range(0, n, per_batch):
@@ -155,7 +155,7 @@ def _ascend(
     flat_labels = labels.repeat_interleave(restarts, dim=0)
     params = starts.reshape(n * restarts, 3).clone()
     best_point = params.clone()
-    best_loss = torch.full((n * restarts,), -torch.inf, device=images.device)
+    best_loss = torch.full((n * restarts,), -torch.inf, dtype=torch.float64, device=images.device)
     best_wrong = torch.zeros(n * restarts, dtype=torch.bool, device=images.device)
     for step in range(n_steps + 1):
         params.requires_grad_(True)
@@ -163,7 +163,9 @@ def _ascend(
             logits = classifier.logits_with_grad(
                 differentiable_transform(flat_images, params, fill)
             )
-            loss = F.cross_entropy(logits, flat_labels, reduction="none")
+            # In float64, so that a confident model's loss does not round to 0 everywhere and
+            # leave nothing to rank the points visited by.
+            loss = F.cross_entropy(logits.double(), flat_labels, reduction="none")
         wrong = logits.detach().argmax(dim=1) != flat_labels
         better = _is_worse(wrong, loss.detach(), best_wrong, best_loss)
         best_point[better] = params.detach()[better]
