@@ -10,6 +10,8 @@ from evaluator.transforms import (
     FillMode,
     GridSpec,
     TransformBox,
+    affine_matrices,
+    differentiable_transform,
     spatial_transform,
     transform_product,
     uniform_transforms,
@@ -183,3 +185,30 @@ def test_uniform_draws_differ_per_slot() -> None:
     assert not torch.equal(draws[0], draws[1])
     same = uniform_transforms(TransformBox(), 0, 3, ids[:1], 10, slot=1)
     assert torch.equal(same[0], draws[1])
+
+
+@pytest.mark.parametrize("theta", [0.0, 90.0, 180.0, -90.0, 30.0, 17.3])
+def test_matrices_with_gradients_keep_the_exact_values(theta: float) -> None:
+    p = torch.tensor([[theta, 1.5, -2.0]])
+    assert torch.equal(
+        affine_matrices(p.clone().requires_grad_(True), 9, 7).detach(), affine_matrices(p, 9, 7)
+    )
+
+
+@pytest.mark.parametrize("move", [(0.0, 0.0, 0.0), (90.0, 1.0, -2.0), (12.5, 0.7, -1.3)])
+def test_the_differentiable_transform_has_the_same_geometry(
+    device: torch.device, move: tuple[float, float, float]
+) -> None:
+    x = torch.rand(2, 3, 12, 12, device=device)
+    p = torch.tensor([move] * 2)
+    expected = spatial_transform(x, p)
+    assert torch.allclose(differentiable_transform(x, p), expected, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter_even_at_the_identity() -> None:
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 2, 6] = 1.0  # off-centre, so turning and shifting both move it
+    weight = torch.rand(1, 1, 9, 9, generator=torch.Generator().manual_seed(0))
+    p = torch.zeros(1, 3, requires_grad=True)
+    (differentiable_transform(x, p) * weight).sum().backward()
+    assert p.grad is not None and (p.grad != 0).all()
