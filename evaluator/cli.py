@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -27,6 +28,8 @@ from evaluator.benchmarks import (
 )
 from evaluator.errors import EvaluatorError
 
+E = TypeVar("E", bound=StrEnum)
+
 app = typer.Typer(no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: where they go, and fetching them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -39,7 +42,11 @@ METRIC_LABELS = {
     "worst_of_k": "worst-of-k",
     "grid": "grid (headline)",
     "vote_natural": "vote (natural)",
-    "grid_vote": "grid + vote",
+    # Every grid + vote number names the attacker it faced.
+    "grid_vote": "grid + vote, adaptive attacker",
+    "grid_vote_per_query": "grid + vote, per-query attacker",
+    "grid_vote_transfer": "grid + vote, transfer attacker",
+    "first_order": "first-order",
 }
 
 
@@ -130,10 +137,38 @@ def _as_table(spec: BenchmarkSpec) -> dict[str, object]:
         "title": spec.title,
         "description": spec.description,
     }
-    for key in ("vote_subset", "landscape_subset", "resize", "path"):
+    for key in ("vote_subset", "landscape_subset", "resize", "path", "first_order_subset",
+                "ablation_subset"):  # fmt: skip
         if getattr(spec, key) is not None:
             table[key] = getattr(spec, key)
+    table["vote_protocols"] = [p.value for p in spec.vote_protocols]
+    table["first_order"] = spec.first_order
+    table["ablations"] = [a.value for a in spec.ablations]
     return table
+
+
+def parse_names(text: str | None, kind: type[E], option: str) -> frozenset[E] | None:
+    """Comma-separated names of a closed vocabulary; "none" for the empty set."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return frozenset()
+    try:
+        return frozenset(kind(n) for n in names)
+    except ValueError:
+        known = ", ".join(e.value for e in kind)
+        raise typer.BadParameter(f"give some of {known}, or none", param_hint=option) from None
+
+
+def _metric_row(value: dict) -> tuple[str, str]:
+    if "error" in value:
+        return "not measured", value["error"]
+    acc = value["accuracy"]
+    text = "-" if acc is None else f"{100 * acc:.2f}%"
+    if "gap_to_grid" in value:
+        text += f" ({100 * value['gap_to_grid']:+.2f} vs grid)"
+    return text, f"{value['correct']} / {value['total']}"
 
 
 def results_table(result_dict: dict) -> Table:
@@ -143,14 +178,16 @@ def results_table(result_dict: dict) -> Table:
     table.add_column("correct / images", justify="right")
     for key, label in METRIC_LABELS.items():
         value = result_dict["metrics"].get(key)
-        if value is None:
+        if value is not None:
+            table.add_row(label, *_metric_row(value))
+    for record in result_dict.get("ablations", {}).values():
+        label = f"ablation: {record['label']}"
+        if "error" in record:
+            table.add_row(label, "not measured", record["error"])
             continue
-        acc = value["accuracy"]
-        table.add_row(
-            label,
-            "-" if acc is None else f"{100 * acc:.2f}%",
-            f"{value['correct']} / {value['total']}",
-        )
+        acc = record["accuracy"]
+        accuracy = "-" if acc is None else f"{100 * acc:.2f}%"
+        table.add_row(label, accuracy, f"{record['correct']} / {record['images']}")
     cost = result_dict["cost"]
     grid_passes = result_dict["forward_passes"].get("grid", 0)
     full = cost["full_grid_forward_passes"]
@@ -215,6 +252,29 @@ def evaluate(
     landscape_subset: Annotated[
         int | None, typer.Option(help="images for the full landscape [benchmark's]")
     ] = None,
+    vote_protocols: Annotated[
+        str | None,
+        typer.Option(
+            help="attackers of grid + vote: adaptive,per-query,transfer, or none [benchmark's]"
+        ),
+    ] = None,
+    first_order: Annotated[
+        bool | None,
+        typer.Option(help="run the first-order (gradient) attack [benchmark's]"),
+    ] = None,
+    first_order_subset: Annotated[
+        int | None, typer.Option(help="images for the first-order attack [benchmark's]")
+    ] = None,
+    ablations: Annotated[
+        str | None,
+        typer.Option(
+            help="rotation-only,translation-only,zero-fill,reflection,black-canvas, or none "
+            "[benchmark's]"
+        ),
+    ] = None,
+    ablation_subset: Annotated[
+        int | None, typer.Option(help="images for the ablations [benchmark's]")
+    ] = None,
     bf16: Annotated[
         bool, typer.Option(help="run the model in bfloat16 autocast (recorded)")
     ] = False,
@@ -227,7 +287,8 @@ def evaluate(
     """Attack a model with the rotation-and-translation grid and report every metric."""
     import torch
 
-    from evaluator.attacks import Classifier
+    from evaluator.ablations import Ablation
+    from evaluator.attacks import Classifier, VoteProtocol
     from evaluator.data import load_dataset, resolve_benchmark
     from evaluator.evaluate import EvalOptions, Metric
     from evaluator.evaluate import Progress as EvalProgress
@@ -242,6 +303,8 @@ def evaluate(
         raise typer.BadParameter(
             f"metrics are {', '.join(m.value for m in Metric)}", param_hint="--metrics"
         ) from None
+    protocols = parse_names(vote_protocols, VoteProtocol, "--vote-protocols")
+    wanted_ablations = parse_names(ablations, Ablation, "--ablations")
     try:
         spec = resolve_benchmark_option(
             benchmark, benchmarks_file, folder, image_size, max_rotation, max_translation, grid
@@ -270,9 +333,14 @@ def evaluate(
             early_exit=early_exit,
             vote_subset=vote_subset,
             landscape_subset=landscape_subset,
+            vote_protocols=protocols,
+            first_order=first_order,
+            first_order_subset=first_order_subset,
+            ablations=wanted_ablations,
+            ablation_subset=ablation_subset,
         )
         with Progress(
-            TextColumn("{task.fields[phase]:<11}"),
+            TextColumn("{task.fields[phase]:<19}"),
             BarColumn(),
             TextColumn("{task.percentage:>5.1f}%"),
             TextColumn("{task.fields[passes]:>14} passes"),

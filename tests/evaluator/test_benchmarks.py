@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from evaluator.ablations import Ablation
+from evaluator.attacks import VoteProtocol
 from evaluator.benchmarks import (
     BUILTIN_BENCHMARKS,
     DatasetKind,
@@ -110,3 +112,44 @@ def test_imagefolder_without_path_is_refused(tmp_path: Path) -> None:
 def test_file_without_benchmarks_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\[benchmarks.NAME\]"):
         load_benchmark_file(write_toml(tmp_path, "title = 'nothing'\n"))
+
+
+def test_every_benchmark_measures_grid_vote_under_all_three_attackers_by_default() -> None:
+    for spec in list_benchmarks():
+        assert spec.vote_protocols == tuple(VoteProtocol), spec.name
+
+
+def test_the_demo_runs_first_order_and_every_ablation_on_recorded_subsets() -> None:
+    spec = get_benchmark("digits")
+    assert spec.first_order and spec.first_order_subset == 200
+    assert spec.ablations == tuple(Ablation) and spec.ablation_subset == 100
+    record = spec.to_dict()
+    assert record["vote_protocols"] == ["adaptive", "per-query", "transfer"]
+    assert record["ablations"] == [a.value for a in Ablation]
+    assert record["first_order_subset"] == 200 and record["ablation_subset"] == 100
+
+
+def test_a_benchmark_file_sets_protocols_first_order_and_ablations(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        """
+        [benchmarks.small]
+        base = "cifar10"
+        vote_protocols = ["transfer", "adaptive"]
+        first_order = true
+        first_order_subset = 500
+        ablations = ["black-canvas", "rotation-only"]
+        ablation_subset = 250
+        """,
+    )
+    spec = load_benchmark_file(path)["small"]
+    assert spec.vote_protocols == (VoteProtocol.ADAPTIVE, VoteProtocol.TRANSFER)
+    assert spec.first_order and spec.first_order_subset == 500
+    assert spec.ablations == (Ablation.ROTATION_ONLY, Ablation.BLACK_CANVAS)
+    assert spec.ablation_subset == 250
+
+
+def test_an_unknown_protocol_is_refused_with_the_known_ones(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[benchmarks.x]\nbase = "cifar10"\nvote_protocols = ["oracle"]\n')
+    with pytest.raises(ValueError, match=r"unknown vote_protocols \['oracle'\].*per-query"):
+        load_benchmark_file(path)

@@ -35,7 +35,10 @@ def test_evaluate_digits_prints_the_table_and_writes_the_json(
          "--json", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "grid (headline)" in result.output and "grid + vote" in result.output
+    assert "grid (headline)" in result.output
+    for attacker in ("adaptive", "per-query", "transfer"):
+        assert f"grid + vote, {attacker} attacker" in result.output
+    assert "first-order" in result.output and "ablation: black canvas" in result.output
     doc = json.loads(out.read_text())
     assert set(doc["metrics"]) == {
         "natural",
@@ -44,6 +47,16 @@ def test_evaluate_digits_prints_the_table_and_writes_the_json(
         "grid",
         "vote_natural",
         "grid_vote",
+        "grid_vote_per_query",
+        "grid_vote_transfer",
+        "first_order",
+    }
+    assert set(doc["ablations"]) == {
+        "rotation-only",
+        "translation-only",
+        "zero-fill",
+        "reflection",
+        "black-canvas",
     }
     assert doc["metrics"]["grid"]["total"] == 12
     assert doc["landscape"]["shape"] == [31, 5, 5]
@@ -126,3 +139,35 @@ def test_unknown_metric_is_refused(digits_weights: Path) -> None:
          "--arch", "small_cnn", "--metrics", "grid,bogus"],
     )  # fmt: skip
     assert result.exit_code != 0 and "natural" in result.output
+
+
+def test_protocols_first_order_and_ablations_are_chosen_on_the_command_line(
+    digits_weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "result.json"
+    result = runner.invoke(
+        app,
+        ["evaluate", "--benchmark", "digits", "--weights", str(digits_weights),
+         "--arch", "small_cnn", "--limit", "6", "--device", "cpu", "--metrics", "grid,vote",
+         "--vote-protocols", "transfer", "--no-first-order",
+         "--ablations", "rotation-only,translation-only", "--ablation-subset", "4",
+         "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "grid + vote, transfer attacker" in result.output
+    assert "adaptive attacker" not in result.output and "first-order" not in result.output
+    doc = json.loads(out.read_text())
+    assert doc["config"]["vote_protocols"] == ["transfer"]
+    assert doc["config"]["first_order"] is None
+    assert set(doc["ablations"]) == {"rotation-only", "translation-only"}
+    assert doc["ablations"]["rotation-only"]["grid"] == [31, 1, 1]
+    assert doc["ablations"]["translation-only"]["images"] == 4
+
+
+def test_unknown_ablation_is_refused_with_the_known_names(digits_weights: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["evaluate", "--benchmark", "digits", "--weights", str(digits_weights),
+         "--arch", "small_cnn", "--ablations", "rotation-only,mirror"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "black-canvas" in result.output
