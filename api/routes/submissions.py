@@ -153,10 +153,13 @@ def list_own_submissions(
 
 
 @router.get("/{submission_id}", response_model=SubmissionPublic, summary="Follow a submission")
-def read_submission(request: Request, submission: SubmissionDep) -> SubmissionPublic:
+def read_submission(request: Request, submission: SubmissionDep) -> Response:
     """Status, phase, progress, forward passes, ETA, message and timestamps; the evaluation
     once finished. Private submissions are visible to their owner only (404 for others)."""
-    return submission_public(submission, base_url(request))
+    # Serialised once, here: returned as a model, it would be dumped, validated against
+    # `response_model` and serialised again, on the path every poll takes.
+    public = submission_public(submission, base_url(request))
+    return Response(public.model_dump_json(), media_type="application/json")
 
 
 @router.post(
