@@ -771,7 +771,7 @@ def _died(returncode: int | None, limits: SandboxLimits, stderr: str) -> Sandbox
     return SandboxFailure(
         "crashed",
         f"The evaluation process crashed ({how}) without reporting an error. If the model is "
-        "a torch.export archive, check that it runs with torch 2.14 on a CPU: "
-        "torch.export.load('model.pt2').module()(torch.rand(2, C, H, W)).",
+        "a torch.export archive, check that the exported program runs with torch 2.14 on a CPU "
+        "before saving it: ep.module()(torch.rand(2, C, H, W)).",
         detail=stderr,
     )
