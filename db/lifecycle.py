@@ -115,7 +115,8 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobConfig:
-        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+        values: dict[str, Any] = {name: data.get(name) for name in cls.__dataclass_fields__}
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

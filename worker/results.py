@@ -53,8 +53,12 @@ def store_result(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{claim_token}.json"
     staging = path.with_suffix(".tmp")
-    body = {"claim_token": claim_token, "job": job.to_dict(), "result": result}
-    body["examples"] = examples
+    body: dict[str, Any] = {
+        "claim_token": claim_token,
+        "job": job.to_dict(),
+        "result": result,
+        "examples": examples,
+    }
     with staging.open("w") as f:
         json.dump(body, f)
         f.flush()

@@ -86,7 +86,8 @@ def usage(session: Session, user: User, now: datetime | None = None) -> Usage:
     of failed or cancelled ones) and how many are queued or running."""
     now = now or utcnow()
     since = now - DAY
-    count, oldest = 0, None
+    count = 0
+    firsts: list[datetime] = []
     for created_at, owner_id in (
         (Submission.created_at, Submission.owner_id),
         (Resubmission.created_at, Resubmission.owner_id),
@@ -97,9 +98,9 @@ def usage(session: Session, user: User, now: datetime | None = None) -> Usage:
             )
         ).one()
         count += int(n)
-        first = as_utc(first)
-        if first is not None and (oldest is None or first < oldest):
-            oldest = first
+        if (first_utc := as_utc(first)) is not None:
+            firsts.append(first_utc)
+    oldest = min(firsts, default=None)
     active = session.scalar(
         select(func.count()).where(
             Submission.owner_id == user.id, Submission.status.in_(ACTIVE_STATUSES)
