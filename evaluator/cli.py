@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -50,10 +49,12 @@ METRIC_LABELS = {
 }
 
 
+# The library reads no environment variable: the command reads this one and passes the
+# directory down (evaluator.data's help text names it, and the service's settings read it too).
+DATA_DIR_ENV = "SPATIALBENCH_DATA_DIR"
+
 # Options that evaluate and train share, declared once.
-DataDirOption = Annotated[
-    Path | None, typer.Option(help="datasets directory [env SPATIALBENCH_DATA_DIR, else ./data]")
-]
+DataDirOption = Annotated[Path, typer.Option(envvar=DATA_DIR_ENV, help="datasets directory")]
 MeanOption = Annotated[
     str | None, typer.Option(help="per-channel mean, applied after the transform")
 ]
@@ -219,7 +220,7 @@ def evaluate(
             "(tensor subclasses), through torch's weights_only unpickler; the service refuses them"
         ),
     ] = False,
-    data_dir: DataDirOption = None,
+    data_dir: DataDirOption = Path("data"),
     benchmarks_file: Annotated[
         Path | None, typer.Option(help="TOML file with [benchmarks.NAME] tables")
     ] = None,
@@ -285,8 +286,6 @@ def evaluate(
     per_image: Annotated[bool, typer.Option(help="include per-image records in the JSON")] = True,
 ) -> None:
     """Attack a model with the rotation-and-translation grid and report every metric."""
-    import torch
-
     from evaluator.ablations import Ablation
     from evaluator.attacks import Classifier, VoteProtocol
     from evaluator.data import load_dataset, resolve_benchmark
@@ -323,8 +322,6 @@ def evaluate(
             device=dev,
             allow_pickled_weights=allow_pickled_weights,
         )
-        if dev == "cpu":
-            torch.set_num_threads(torch.get_num_threads())
         classifier = Classifier(net, spec.num_classes, device=dev, batch_size=batch_size, bf16=bf16)
         options = EvalOptions(
             metrics=wanted,
@@ -430,7 +427,7 @@ DOWNLOADS = {
 @data_app.command("where")
 def data_where(
     benchmark: str,
-    data_dir: Annotated[Path | None, typer.Option(help="datasets directory")] = None,
+    data_dir: DataDirOption = Path("data"),
 ) -> None:
     """Say which files a benchmark reads and where they go."""
     from evaluator.data import dataset_help
@@ -445,7 +442,7 @@ def data_where(
 @data_app.command("fetch")
 def data_fetch(
     benchmark: str,
-    data_dir: Annotated[Path, typer.Option(help="datasets directory")] = Path("data"),
+    data_dir: DataDirOption = Path("data"),
     timeout: Annotated[float, typer.Option(help="seconds to wait for the server")] = 30.0,
 ) -> None:
     """Download a dataset where that is possible; otherwise say where to put its files."""
@@ -454,7 +451,7 @@ def data_fetch(
 
     from evaluator.data import dataset_help
 
-    spec = replace(get_benchmark(benchmark))
+    spec = get_benchmark(benchmark)
     if spec.name not in DOWNLOADS:
         console.print(
             f"{spec.name} cannot be downloaded automatically.\n{dataset_help(spec, data_dir)}"

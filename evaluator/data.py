@@ -10,7 +10,9 @@ Files, relative to the data directory:
 - ``imagefolder``: the benchmark's ``path``, one folder per class, images at any depth below;
 - ``digits``: nothing; scikit-learn's bundled copy, with a fixed seeded train/test split.
 
-The data directory is an argument; None means ``$SPATIALBENCH_DATA_DIR``, else ``./data``.
+The data directory is an argument the caller passes (the CLI's ``--data-dir``, the service's
+``data_dir`` setting); this module reads no environment variable. None means no data directory:
+only datasets that need no files (digits, an imagefolder at an absolute path) load then.
 Whatever is missing raises `DatasetMissingError` with a message that says which files go where
 (`dataset_help`). Every dataset hands out batches through one method, ``load(indices)``:
 float32 images ``(n, C, H, W)`` in ``[0, 1]`` at the benchmark's channels and image size, and
@@ -21,7 +23,6 @@ lazily, batch by batch. Nothing here prints, downloads or writes files.
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import struct
 from collections.abc import Sequence
@@ -47,20 +48,17 @@ except ImportError:  # pragma: no cover - NumPy 1.x
     from numpy.core.multiarray import _reconstruct as _np_reconstruct  # type: ignore[no-redef]
 
 __all__ = [
-    "DATA_DIR_ENV",
     "DIGITS_TEST_SIZE",
     "IMAGE_EXTENSIONS",
     "ImageDataset",
     "TensorImageDataset",
     "ImageFileDataset",
-    "default_data_dir",
     "load_dataset",
     "resolve_benchmark",
     "dataset_help",
     "digits_split",
 ]
 
-DATA_DIR_ENV = "SPATIALBENCH_DATA_DIR"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_TEST_SIZE = 540
 # Benchmarks may ask for another channel count than the files hold; grey is ITU-R 601-2 luma,
@@ -254,19 +252,23 @@ class ImageFileDataset:
 # ---------------------------------------------------------------------------------------------
 
 
-def default_data_dir() -> Path:
-    """``$SPATIALBENCH_DATA_DIR`` when set and not empty, else ``./data``."""
-    return Path(os.environ.get(DATA_DIR_ENV) or "data")
+def _data_root(data_dir: str | Path | None) -> Path | None:
+    return None if data_dir is None else Path(data_dir).expanduser()
 
 
-def _data_root(data_dir: str | Path | None) -> Path:
-    return default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+def _require_root(spec: BenchmarkSpec, root: Path | None) -> Path:
+    if root is None:
+        raise _missing(
+            spec, None, f"benchmark {spec.name!r} reads its images from a data directory"
+        )
+    return root
 
 
 def load_dataset(spec: BenchmarkSpec, data_dir: str | Path | None = None) -> ImageDataset:
-    """The images of ``spec.dataset``'s ``spec.split``, read from ``data_dir`` (None: the
-    default, see `default_data_dir`). Raises `DatasetMissingError` when files are missing or
-    unreadable, ValueError for a split or channel count the dataset does not have."""
+    """The images of ``spec.dataset``'s ``spec.split``, read from ``data_dir`` (None: there is
+    none, which only the digits and an imagefolder at an absolute path accept). Raises
+    `DatasetMissingError` when files are missing or unreadable, ValueError for a split or
+    channel count the dataset does not have."""
     if spec.channels not in (1, 3):
         raise ValueError(f"benchmark {spec.name!r}: channels must be 1 or 3, got {spec.channels}")
     allowed = _SPLITS.get(spec.dataset)
@@ -283,11 +285,12 @@ def load_dataset(spec: BenchmarkSpec, data_dir: str | Path | None = None) -> Ima
     root = _data_root(data_dir)
     dataset: ImageDataset
     if spec.dataset is DatasetKind.CIFAR10:
-        dataset = _load_cifar10(spec, root)
+        dataset = _load_cifar10(spec, _require_root(spec, root))
     elif spec.dataset is DatasetKind.MNIST:
-        dataset = _load_mnist(spec, root)
+        dataset = _load_mnist(spec, _require_root(spec, root))
     elif spec.dataset is DatasetKind.IMAGENET:
-        dataset = _load_folders(spec, root, root / "imagenet" / spec.split)
+        folder = _require_root(spec, root) / "imagenet" / spec.split
+        dataset = _load_folders(spec, root, folder)
     elif spec.dataset is DatasetKind.IMAGEFOLDER:
         dataset = _load_folders(spec, root, _imagefolder_dir(spec, root))
     elif spec.dataset is DatasetKind.DIGITS:
@@ -318,13 +321,21 @@ def resolve_benchmark(spec: BenchmarkSpec, dataset: ImageDataset) -> BenchmarkSp
 
 def dataset_help(spec: BenchmarkSpec, data_dir: str | Path | None = None) -> str:
     """Where the files of ``spec``'s dataset go in ``data_dir`` and how to obtain them."""
-    root = _data_root(data_dir)
-    where = f"The data directory is {root}"
-    if not root.is_absolute():
-        where += f" ({root.absolute()})"
+    given = _data_root(data_dir)
+    if given is None:
+        # The layout below still reads best with a path in it.
+        root = Path("DATA_DIR")
+        where = "No data directory was given"
+    else:
+        root = given
+        where = f"The data directory is {root}"
+        if not root.is_absolute():
+            where += f" ({root.absolute()})"
     footer = (
-        f"{where}; choose another with the --data-dir option or the {DATA_DIR_ENV} "
-        "environment variable (default: ./data)."
+        # The callers' ways of choosing it (evaluator.cli.DATA_DIR_ENV, the service's settings).
+        f"{where}; the spatialbench command takes one with --data-dir or the "
+        "SPATIALBENCH_DATA_DIR environment variable, the service with its data_dir setting "
+        "(the same variable)."
     )
     kind = spec.dataset
     if kind is DatasetKind.CIFAR10:
@@ -379,7 +390,7 @@ def dataset_help(spec: BenchmarkSpec, data_dir: str | Path | None = None) -> str
     return f"{text}\n{footer}"
 
 
-def _missing(spec: BenchmarkSpec, root: Path, problem: str) -> DatasetMissingError:
+def _missing(spec: BenchmarkSpec, root: Path | None, problem: str) -> DatasetMissingError:
     return DatasetMissingError(f"{problem}.\n{dataset_help(spec, root)}")
 
 
@@ -547,14 +558,14 @@ def _load_mnist(spec: BenchmarkSpec, root: Path) -> TensorImageDataset:
 # ---------------------------------------------------------------------------------------------
 
 
-def _imagefolder_path(spec: BenchmarkSpec, root: Path) -> Path:
+def _imagefolder_path(spec: BenchmarkSpec, root: Path | None) -> Path:
     if not spec.path:
         raise ValueError(f"benchmark {spec.name!r}: an imagefolder benchmark needs a 'path'")
     path = Path(spec.path.replace("{split}", spec.split)).expanduser()
-    return path if path.is_absolute() else root / path
+    return path if path.is_absolute() else _require_root(spec, root) / path
 
 
-def _imagefolder_dir(spec: BenchmarkSpec, root: Path) -> Path:
+def _imagefolder_dir(spec: BenchmarkSpec, root: Path | None) -> Path:
     # Without a {split} placeholder the folder holds the benchmark's evaluation images;
     # handing them out as "train" would let a baseline train on its test set.
     if spec.split == "train" and spec.path and "{split}" not in spec.path:
@@ -567,7 +578,7 @@ def _imagefolder_dir(spec: BenchmarkSpec, root: Path) -> Path:
     return _imagefolder_path(spec, root)
 
 
-def _load_folders(spec: BenchmarkSpec, root: Path, folder: Path) -> ImageFileDataset:
+def _load_folders(spec: BenchmarkSpec, root: Path | None, folder: Path) -> ImageFileDataset:
     if not folder.is_dir():
         raise _missing(spec, root, f"{spec.title} ({spec.split} split): {folder} not found")
     # Hidden folders (.ipynb_checkpoints, .DS_Store's kin) are never classes.

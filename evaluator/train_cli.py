@@ -107,7 +107,7 @@ def train_command(
     device: DeviceOption = "auto",
     mean: MeanOption = None,
     std: StdOption = None,
-    data_dir: DataDirOption = None,
+    data_dir: DataDirOption = Path("data"),
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch [torch's]")] = None,
     name: Annotated[str | None, typer.Option(help="display name for the submission")] = None,
 ) -> None:

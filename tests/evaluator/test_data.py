@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from evaluator.benchmarks import BenchmarkSpec, DatasetKind, get_benchmark
+from evaluator.cli import DATA_DIR_ENV
+from evaluator.cli import app as cli_app
 from evaluator.data import (
-    DATA_DIR_ENV,
     dataset_help,
-    default_data_dir,
     digits_split,
     load_dataset,
     resolve_benchmark,
@@ -438,14 +439,44 @@ def test_digits_dataset_ignores_the_data_dir(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_data_dir_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DATA_DIR_ENV, "/srv/datasets")
-    assert default_data_dir() == Path("/srv/datasets")
+def test_the_library_reads_no_data_dir_from_the_environment(
+    cifar_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DATA_DIR_ENV, str(cifar_dir))
+    with pytest.raises(DatasetMissingError, match="reads its images from a data directory"):
+        load_dataset(CIFAR, None)
 
 
-def test_data_dir_defaults_to_dot_data(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_data_dir_the_message_says_how_to_give_one() -> None:
+    message = dataset_help(CIFAR, None)
+    assert "No data directory was given" in message
+    assert "--data-dir" in message and DATA_DIR_ENV in message
+
+
+def test_an_imagefolder_at_an_absolute_path_needs_no_data_dir(folder_dir: Path) -> None:
+    spec = replace(FOLDER, path=str(folder_dir / "flowers"))
+    assert len(load_dataset(spec, None)) == 4
+
+
+def test_a_relative_imagefolder_without_a_data_dir_is_refused() -> None:
+    with pytest.raises(DatasetMissingError, match="No data directory was given"):
+        load_dataset(FOLDER, None)
+
+
+def test_the_command_takes_the_data_dir_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "datasets"))
+    result = CliRunner().invoke(cli_app, ["data", "where", "cifar10"])
+    assert result.exit_code == 0, result.output
+    assert f"The data directory is {tmp_path / 'datasets'}" in result.output
+
+
+def test_the_command_defaults_to_dot_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    assert default_data_dir() == Path("data")
+    result = CliRunner().invoke(cli_app, ["data", "where", "cifar10"])
+    assert result.exit_code == 0, result.output
+    assert "The data directory is data (" in result.output
 
 
 def test_load_refuses_indices_out_of_range(cifar_dir: Path) -> None:
