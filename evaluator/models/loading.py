@@ -47,13 +47,13 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
+import evaluator.models.pt2 as pt2
 from evaluator.errors import (
     EvaluatorError,
     ModelFormatError,
     UnknownArchitectureError,
     WeightsMismatchError,
 )
-from evaluator.models import pt2
 from evaluator.models.registry import get_architecture, list_architectures
 
 __all__ = [

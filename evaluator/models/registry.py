@@ -15,8 +15,8 @@ from types import MappingProxyType
 
 from torch import nn
 
+import evaluator.models.architectures as architectures
 from evaluator.errors import UnknownArchitectureError
-from evaluator.models import architectures
 
 __all__ = [
     "ARCHITECTURES",

@@ -3,6 +3,8 @@ papers report."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -123,6 +125,28 @@ def test_unknown_architecture_lists_known_names() -> None:
 def test_unknown_architecture_suggests_the_torchvision_name() -> None:
     with pytest.raises(UnknownArchitectureError, match="Did you mean 'torchvision/resnet50'"):
         get_architecture("resnet50")
+
+
+@pytest.mark.parametrize("module", ["registry", "loading", "architectures", "pt2"])
+def test_each_models_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """Modules import the module they need, not the package, so any of them can come first."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"import evaluator.models.{module}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_public_names_stay_importable_from_the_package() -> None:
+    import evaluator.models as models
+    from evaluator.models import loading, registry
+
+    assert all(hasattr(models, name) for name in models.__all__)
+    assert models.get_architecture is registry.get_architecture
+    assert models.load_model is loading.load_model
 
 
 @pytest.fixture
