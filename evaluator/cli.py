@@ -186,8 +186,11 @@ def results_table(result_dict: dict) -> Table:
         if "error" in record:
             table.add_row(label, "not measured", record["error"])
             continue
-        acc = record["accuracy"]
+        acc, natural = record["accuracy"], record["natural"]
         accuracy = "-" if acc is None else f"{100 * acc:.2f}%"
+        if natural is not None:
+            # On the canvas the model may not even read the untransformed image.
+            accuracy += f" (identity {100 * natural:.2f}%)"
         table.add_row(label, accuracy, f"{record['correct']} / {record['images']}")
     cost = result_dict["cost"]
     grid_passes = result_dict["forward_passes"].get("grid", 0)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -46,6 +46,8 @@ from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import ModelFormatError, ModelNotDifferentiableError, ModelOutputError
 from evaluator.first_order import FirstOrderConfig, first_order_attack
 from evaluator.transforms import spatial_transform, uniform_transforms
+
+E = TypeVar("E", bound=StrEnum)
 
 __all__ = [
     "Metric",
@@ -126,6 +128,25 @@ class EvalOptions:
     first_order_config: FirstOrderConfig = FirstOrderConfig()
     ablations: frozenset[Ablation] | None = None
     ablation_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        # Names from JSON or a command line become enum members here, so that an unknown
+        # name fails when the options are made, with the names that are known.
+        object.__setattr__(self, "metrics", _names(self.metrics, Metric))
+        if self.vote_protocols is not None:
+            object.__setattr__(self, "vote_protocols", _names(self.vote_protocols, VoteProtocol))
+        if self.ablations is not None:
+            object.__setattr__(self, "ablations", _names(self.ablations, Ablation))
+
+
+def _names(values: Iterable[str], kind: type[E]) -> frozenset[E]:
+    if isinstance(values, str):
+        values = [values]
+    try:
+        return frozenset(kind(v) for v in values)
+    except ValueError:
+        known = ", ".join(e.value for e in kind)
+        raise ValueError(f"unknown {kind.__name__} in {sorted(values)}; known: {known}") from None
 
 
 @dataclass(frozen=True)

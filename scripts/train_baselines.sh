@@ -53,6 +53,8 @@ dataset = load_dataset(spec, None)
 options = EvalOptions(
     metrics=frozenset({Metric.NATURAL, Metric.RANDOM, Metric.WORST_OF_K, Metric.GRID}),
     landscape_subset=0,
+    first_order=False,
+    ablations=frozenset(),
 )
 print("| model | natural | random | worst-of-10 | grid | eval s |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")

@@ -5,10 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from evaluator.attacks import Classifier
+from evaluator.ablations import Ablation
+from evaluator.attacks import Classifier, VoteProtocol
 from evaluator.benchmarks import get_benchmark
 from evaluator.errors import EvaluationCancelled
-from evaluator.evaluate import EvalOptions, Metric, Progress, evaluate, evaluation_order
+from evaluator.evaluate import EvalOptions, Metric, Phase, Progress, evaluate, evaluation_order
 from evaluator.transforms import GridSpec, TransformBox
 from tests.evaluator.helpers import self_labelled, tiny_cnn
 
@@ -90,8 +91,19 @@ def test_same_seed_same_numbers() -> None:
 
 
 def test_shards_merge_into_the_whole() -> None:
-    whole = run(n=60, landscape_subset=0)
-    parts = [run(n=60, landscape_subset=0, shard=s) for s in (range(0, 25), range(25, 60))]
+    # Every subset crosses the boundary between the two shards.
+    extra = {
+        "landscape_subset": 0,
+        "vote_subset": 40,
+        "first_order": True,
+        "first_order_subset": 30,
+        "ablations": frozenset({Ablation.ROTATION_ONLY, Ablation.REFLECTION}),
+        "ablation_subset": 35,
+    }
+    whole = run(n=60, **extra)
+    parts = [run(n=60, shard=s, **extra) for s in (range(0, 25), range(25, 60))]
+    assert "first_order_correct" in whole.per_image
+    assert "ablation_rotation_only_robust" in whole.per_image
     for key, values in whole.per_image.items():
         assert values == parts[0].per_image[key] + parts[1].per_image[key], key
 
@@ -164,3 +176,32 @@ def test_cost_record_is_complete(result) -> None:
     assert cost["precision"] == "fp32" and cost["seed"] == 0
     assert {"torch", "torchvision", "python", "spatialbench"} <= set(cost["versions"])
     assert cost["device"].startswith("cpu")
+
+
+def test_options_take_names_as_json_gives_them_and_refuse_unknown_ones() -> None:
+    options = EvalOptions(
+        metrics=["natural", "grid"], vote_protocols=["transfer"], ablations=["black-canvas"]
+    )
+    assert options.metrics == {Metric.NATURAL, Metric.GRID}
+    assert options.vote_protocols == {VoteProtocol.TRANSFER}
+    assert options.ablations == {Ablation.BLACK_CANVAS}
+    with pytest.raises(ValueError, match="known: adaptive, per-query, transfer"):
+        EvalOptions(vote_protocols=["oracle"])
+
+
+def test_phases_are_named_by_the_enum_in_the_order_they_run() -> None:
+    res = run(n=10, first_order=True, ablations=frozenset({Ablation.ROTATION_ONLY}))
+    expected = [
+        Phase.NATURAL,
+        Phase.WORST_OF_K,
+        Phase.GRID,
+        Phase.VOTE,
+        Phase.GRID_VOTE,
+        Phase.GRID_VOTE_PER_QUERY,
+        Phase.GRID_VOTE_TRANSFER,
+        Phase.FIRST_ORDER,
+        Phase.ABLATIONS,
+    ]
+    assert list(res.forward_passes) == [p.value for p in expected] + ["total"]
+    assert all(res.forward_passes[p.value] > 0 for p in expected)
+    assert res.forward_passes["total"] == sum(res.forward_passes[p.value] for p in expected)
