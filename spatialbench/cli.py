@@ -1,14 +1,20 @@
 """The ``spatialbench`` command: every sub-command of the project in one place.
 
-Each package contributes a Typer app; they are imported here, so ``evaluator`` stays free of
-service imports.
+Each package contributes a Typer app whose commands are merged here at the top level, so
+``evaluator`` stays free of service imports.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from api.cli import app as api_app
+from evaluator.cli import app as evaluator_app
+from evaluator.train_cli import app as train_app
+from spatialbench.client import app as client_app
+from spatialbench.demo import app as demo_app
+from spatialbench.serve import app as serve_app
+from worker.cli import app as worker_app
 
 app = typer.Typer(
     name="spatialbench",
@@ -17,37 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# (module, attribute, name or None to merge its commands at top level)
-_SUBAPPS: list[tuple[str, str, str | None]] = [
-    ("evaluator.cli", "app", None),
-    ("evaluator.train_cli", "app", None),
-    ("api.cli", "app", None),
-    ("worker.cli", "app", None),
-    ("spatialbench.serve", "app", None),
-    ("spatialbench.demo", "app", None),
-    ("spatialbench.client", "app", None),
-]
-
-
-def _register() -> None:
-    for module_name, attribute, name in _SUBAPPS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # that part of the project is not written yet
-                continue
-            raise
-        sub = getattr(module, attribute)
-        if name is None:
-            for command in sub.registered_commands:
-                app.registered_commands.append(command)
-            for group in sub.registered_groups:
-                app.registered_groups.append(group)
-        else:
-            app.add_typer(sub, name=name)
-
-
-_register()
+for sub in (evaluator_app, train_app, api_app, worker_app, serve_app, demo_app, client_app):
+    app.registered_commands.extend(sub.registered_commands)
+    app.registered_groups.extend(sub.registered_groups)
 
 
 def main() -> None:

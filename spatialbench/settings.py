@@ -46,8 +46,6 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     benchmarks_file: Path | None = None
 
-    public_url: str = "http://127.0.0.1:8000"
-
     # Uploads and per-user caps.
     max_upload_bytes: int = 512 * 2**20
     daily_limit: int = 50
@@ -60,7 +58,6 @@ class Settings(BaseSettings):
     # Workers.
     task_soft_time_limit_s: int = 6 * 3600
     task_hard_time_limit_s: int = 6 * 3600 + 600
-    heartbeat_interval_s: float = 5.0
     # A running job whose worker wrote no heartbeat for this long is queued again (in its old
     # place). Heartbeats come from the worker's own loop every progress_interval_s, whatever
     # the model does, so this can be short.
