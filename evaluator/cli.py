@@ -163,7 +163,7 @@ def parse_names(text: str | None, kind: type[E], option: str) -> frozenset[E] | 
 
 
 def _metric_row(value: dict) -> tuple[str, str]:
-    if "error" in value:
+    if value.get("error"):
         return "not measured", value["error"]
     acc = value["accuracy"]
     text = "-" if acc is None else f"{100 * acc:.2f}%"

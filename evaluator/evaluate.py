@@ -178,7 +178,9 @@ class MetricValue:
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
-            return {"error": self.error, **self.extra}
+            # Counts of zero and no accuracy, so that readers of the counts need no special
+            # case; the error says why there is no number.
+            return {"accuracy": None, "correct": 0, "total": 0, "images": 0, "error": self.error}
         return {
             "accuracy": self.accuracy,
             "correct": self.correct,
