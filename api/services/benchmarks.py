@@ -11,7 +11,7 @@ from evaluator.benchmarks import BenchmarkSpec, load_benchmark_file
 from evaluator.benchmarks import get_benchmark as _get_benchmark
 from evaluator.benchmarks import list_benchmarks as _list_benchmarks
 from evaluator.models.registry import ARCHITECTURES, ArchitectureSpec
-from spatialbench.settings import Settings, get_settings
+from spatialbench.settings import Settings
 
 __all__ = [
     "architecture_public",
@@ -29,19 +29,19 @@ def _benchmarks_from_file(path: Path) -> dict[str, BenchmarkSpec]:
     return load_benchmark_file(path)
 
 
-def extra_benchmarks(settings: Settings | None = None) -> dict[str, BenchmarkSpec]:
-    """The operator's benchmarks (``SPATIALBENCH_BENCHMARKS_FILE``), read once per process."""
-    settings = settings or get_settings()
+def extra_benchmarks(settings: Settings) -> dict[str, BenchmarkSpec]:
+    """The operator's benchmarks (``settings.benchmarks_file``), each file read once per
+    process."""
     if settings.benchmarks_file is None:
         return {}
     return _benchmarks_from_file(settings.benchmarks_file.resolve())
 
 
-def list_benchmarks(settings: Settings | None = None) -> list[BenchmarkSpec]:
+def list_benchmarks(settings: Settings) -> list[BenchmarkSpec]:
     return _list_benchmarks(extra_benchmarks(settings))
 
 
-def get_benchmark(name: str, settings: Settings | None = None) -> BenchmarkSpec:
+def get_benchmark(name: str, settings: Settings) -> BenchmarkSpec:
     """The benchmark called ``name``; the evaluator's ``UnknownBenchmarkError`` lists the rest."""
     return _get_benchmark(name, extra_benchmarks(settings))
 
