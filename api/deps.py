@@ -46,14 +46,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def get_settings(request: Request) -> Settings:
+# The two lookups below are `async` so FastAPI calls them inline: a plain `def` dependency
+# costs a hop to the thread pool, on every request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return request.app.state.database
 
 
