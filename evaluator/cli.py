@@ -169,6 +169,8 @@ def _metric_row(value: dict) -> tuple[str, str]:
     text = "-" if acc is None else f"{100 * acc:.2f}%"
     if "gap_to_grid" in value:
         text += f" ({100 * value['gap_to_grid']:+.2f} vs grid)"
+    elif "grid_same_images" in value:
+        text += f" (grid here {100 * value['grid_same_images']:.2f}%)"
     return text, f"{value['correct']} / {value['total']}"
 
 

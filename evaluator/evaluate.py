@@ -836,6 +836,7 @@ def _metrics(run: _Run) -> dict[str, MetricValue]:
         for protocol in s.vote_protocols:
             value = _measured(record[fields[protocol]])
             value.extra = {"protocol": protocol.value, "attacker": protocol.description}
+            value.extra |= _grid_same_images(run, fields[protocol])
             results[protocol.metric_key] = value
     if s.first_order is not None:
         results["first_order"] = _first_order_metric(run)
@@ -847,16 +848,21 @@ def _first_order_metric(run: _Run) -> MetricValue:
     if run.first_order_error is not None:
         return MetricValue(0, 0, error=run.first_order_error)
     value = _measured(run.record["first_order_correct"])
-    measured = run.record["first_order_correct"] >= 0
-    grid = run.record["grid_robust"][measured]
-    if Metric.GRID in run.settings.metrics and value.total:
-        grid_accuracy = float((grid == 1).sum()) / value.total
-        value.extra = {
-            "grid_same_images": grid_accuracy,
-            # Positive: the gradient attack leaves images standing that the grid fools.
-            "gap_to_grid": value.correct / value.total - grid_accuracy,
-        }
+    value.extra = _grid_same_images(run, "first_order_correct")
+    if value.extra and value.total:
+        # Positive: the gradient attack leaves images standing that the grid fools.
+        value.extra["gap_to_grid"] = value.correct / value.total - value.extra["grid_same_images"]
     return value
+
+
+def _grid_same_images(run: _Run, field_name: str) -> dict[str, float]:
+    """Grid accuracy on the images a subset metric measured, so the two compare like for
+    like; empty when the grid did not run or nothing was measured."""
+    measured = run.record[field_name] >= 0
+    if Metric.GRID not in run.settings.metrics or not bool(measured.any()):
+        return {}
+    grid = run.record["grid_robust"][measured]
+    return {"grid_same_images": float((grid == 1).sum()) / int(measured.sum())}
 
 
 def _ablation_records(run: _Run) -> dict[str, dict[str, Any]]:

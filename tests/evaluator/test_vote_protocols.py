@@ -136,14 +136,16 @@ def test_each_number_names_its_attacker_and_its_images(setup) -> None:
 
 def test_the_images_behind_a_subset_metric_are_its_own() -> None:
     model, data = model_and_data(30)
-    options = EvalOptions(VOTE_ONLY, vote_subset=7)
+    options = EvalOptions(VOTE_ONLY | {Metric.GRID}, vote_subset=7)
     result = evaluate(Classifier(model, 10), data, BENCH, options)
     doc = result.to_dict()
     assert doc["config"]["images"] == 30
     assert doc["config"]["images_per_metric"]["natural"] == 30
+    grid_here = sum(result.per_image["grid_robust"][:7]) / 7
     for protocol in VoteProtocol:
         assert doc["metrics"][protocol.metric_key]["images"] == 7
         assert doc["config"]["images_per_metric"][protocol.metric_key] == 7
+        assert doc["metrics"][protocol.metric_key]["grid_same_images"] == grid_here
 
 
 def test_only_the_requested_protocols_run() -> None:
