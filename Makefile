@@ -27,6 +27,11 @@ lint: venv
 bench: venv
 	$(PY) scripts/bench.py && $(PY) scripts/bench_split.py
 
+# The README's screenshots, from the demo that `make demo` is running in another terminal.
+.PHONY: screenshots
+screenshots: venv
+	$(PY) scripts/screenshots.py
+
 # The read paths at 200 req/s while an evaluation runs (starts and stops its own service).
 loadtest: venv
 	$(PY) scripts/loadtest.py

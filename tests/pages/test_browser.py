@@ -3,11 +3,13 @@
 The app runs with uvicorn on a free loopback port, on a SQLite database built by the Alembic
 migrations and seeded with finished submissions (landscape, fool counts, example images). The
 test sorts the leaderboard by clicking a header, opens a model's page, checks that the plots
-loaded, follows a running submission to its end through the polling script, and saves
-screenshots to ``docs/screenshots/`` for the README.
+loaded, follows a running submission to its end through the polling script, and takes
+screenshots into a temporary folder: the README's own come from a real demo
+(``make screenshots``, scripts/screenshots.py), never from this seeded database.
 
 Chromium comes from Debian (``scripts/chromium.sh`` installs it when it is missing); we never
-run ``playwright install``. Without a way to install it the test is skipped, except under CI,
+run ``playwright install``. The set-up (its path, arguments, screenshot format) is the one
+scripts/screenshots.py uses. Without a way to install it the test is skipped, except under CI,
 where it fails.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -29,41 +30,39 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.migrate import upgrade
 from db.models import Evaluation, Submission, SubmissionStatus, TrainingMethod
 from db.session import make_engine
+from scripts.screenshots import (
+    CHROMIUM_ARGS,
+    VIEWPORT,
+    ChromiumMissing,
+    chromium_path,
+    plots_loaded,
+    save_screenshot,
+)
 from spatialbench.settings import Settings
 from tests.api.factories import create_evaluation, create_finished, create_submission, create_user
 from tests.pages import seed
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = ROOT / "docs" / "screenshots"
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # the tests run as root
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def _ensure_chromium() -> Path:
-    if CHROMIUM.exists():
-        return CHROMIUM
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "chromium.sh")], capture_output=True, text=True
-    )
-    if result.returncode == 0 and CHROMIUM.exists():
-        return CHROMIUM
-    message = f"Chromium is missing and scripts/chromium.sh could not install it:\n{result.stderr}"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+README_SCREENSHOTS = ROOT / "docs" / "screenshots"
 
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    return _ensure_chromium()
+    try:
+        return chromium_path()
+    except ChromiumMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A temporary folder for the screenshots; the README's stay as they are."""
+    before = {p.name: p.stat().st_mtime_ns for p in README_SCREENSHOTS.glob("*")}
+    yield tmp_path_factory.mktemp("screenshots")
+    after = {p.name: p.stat().st_mtime_ns for p in README_SCREENSHOTS.glob("*")}
+    assert after == before, "the browser test wrote into docs/screenshots/"
 
 
 @dataclass
@@ -79,27 +78,43 @@ def _seed(session: Session, storage: Path) -> dict[str, str]:
     lab = create_user(session, name="madry-lab")
     other = create_user(session, name="alice")
     standard = create_finished(
-        session, lab, display_name="Standard CNN", is_baseline=True,
+        session,
+        lab,
+        display_name="Standard CNN",
+        is_baseline=True,
         paper_url="https://arxiv.org/abs/1712.02779",
         evaluation=seed.evaluation_fields(0.95, 0.62, 0.21, 0.04, 0.94, 0.09, sensitivity=1.6),
     )
     robust = create_finished(
-        session, lab, display_name="Worst-of-10 CNN", is_baseline=True,
-        training_method=TrainingMethod.WORST_OF_K, paper_url="https://arxiv.org/abs/1712.02779",
+        session,
+        lab,
+        display_name="Worst-of-10 CNN",
+        is_baseline=True,
+        training_method=TrainingMethod.WORST_OF_K,
+        paper_url="https://arxiv.org/abs/1712.02779",
         description="Robust optimisation: each step trains on the worst of 10 random transforms.",
-        evaluation=seed.evaluation_fields(0.93, 0.90, 0.83, 0.71, 0.93, 0.80, sensitivity=0.3,
-                                          seed=1),
+        evaluation=seed.evaluation_fields(
+            0.93, 0.90, 0.83, 0.71, 0.93, 0.80, sensitivity=0.3, seed=1
+        ),
     )
     create_finished(
-        session, other, display_name="Augmented CNN", training_method=TrainingMethod.AUGMENTATION,
-        evaluation=seed.evaluation_fields(0.96, 0.88, 0.70, 0.52, 0.95, 0.66, sensitivity=0.6,
-                                          seed=2),
+        session,
+        other,
+        display_name="Augmented CNN",
+        training_method=TrainingMethod.AUGMENTATION,
+        evaluation=seed.evaluation_fields(
+            0.96, 0.88, 0.70, 0.52, 0.95, 0.66, sensitivity=0.6, seed=2
+        ),
     )
     create_finished(
-        session, other, display_name="<script>alert(1)</script>", extra_data=True,
+        session,
+        other,
+        display_name="<script>alert(1)</script>",
+        extra_data=True,
         training_method=TrainingMethod.OTHER,
-        evaluation=seed.evaluation_fields(0.90, 0.75, 0.48, 0.22, 0.91, 0.35, sensitivity=0.9,
-                                          seed=3),
+        evaluation=seed.evaluation_fields(
+            0.90, 0.75, 0.48, 0.22, 0.91, 0.35, sensitivity=0.9, seed=3
+        ),
     )
     running = create_submission(
         session, other, display_name="Running model", status=SubmissionStatus.RUNNING,
@@ -175,16 +190,9 @@ def browser(chromium: Path) -> Iterator[object]:
             browser.close()
 
 
-def _screenshot(page: object, name: str) -> None:
-    """A full-page screenshot for the README, reduced to a 256-colour palette (a third of the
-    size, and the pages use few colours)."""
-    from PIL import Image
-
-    path = SCREENSHOTS / name
-    page.screenshot(path=str(path), full_page=True)  # type: ignore[attr-defined]
-    with Image.open(path) as image:
-        small = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    small.save(path, optimize=True)
+def _screenshot(page: object, folder: Path, name: str) -> None:
+    save_screenshot(page, folder / name)
+    assert (folder / name).read_bytes().startswith(b"\x89PNG")
 
 
 def _grid_column(page: object) -> list[float]:
@@ -192,9 +200,10 @@ def _grid_column(page: object) -> list[float]:
     return [float(text.strip().split("%")[0]) for text in cells.all_inner_texts()]
 
 
-def test_sort_open_a_model_and_see_its_landscape(live_server: LiveServer, browser: object):
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+def test_sort_open_a_model_and_see_its_landscape(
+    live_server: LiveServer, browser: object, screenshots: Path
+):
+    context = browser.new_context(viewport=VIEWPORT)  # type: ignore[attr-defined]
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -211,22 +220,20 @@ def test_sort_open_a_model_and_see_its_landscape(live_server: LiveServer, browse
     assert page.locator("th[aria-sort]").inner_text().startswith("Grid")
     # The model named like a script is shown as text (and never ran).
     assert page.get_by_role("link", name="<script>alert(1)</script>").count() == 1
-    _screenshot(page, "leaderboard.png")
+    _screenshot(page, screenshots, "leaderboard.png")
 
     page.get_by_role("link", name="Worst-of-10 CNN", exact=True).click()
     page.wait_for_url(f"**/submissions/{live_server.robust}")
     assert page.locator("h1").inner_text().startswith("Worst-of-10 CNN")
     page.wait_for_load_state("networkidle")
-    for plot in ("landscape", "rotation", "fool-histogram"):
-        loaded = page.eval_on_selector(f"#{plot}", "img => img.complete && img.naturalWidth > 0")
-        assert loaded, plot
+    assert plots_loaded(page) == []
     examples = page.locator(".examples img")
     assert examples.count() == 10
     assert all(
         page.evaluate("img => img.naturalWidth", examples.nth(i).element_handle()) > 0
         for i in range(examples.count())
     )
-    _screenshot(page, "model.png")
+    _screenshot(page, screenshots, "model.png")
     assert errors == []
     context.close()
 
