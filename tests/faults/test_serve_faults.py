@@ -26,6 +26,13 @@ def services(tmp_path: Path) -> Iterator[Services]:
         fleet.close()
 
 
+def _niceness(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    except FileNotFoundError:  # ended meanwhile
+        return 10
+
+
 def _running(client: object, status_url: str) -> bool:
     body = client.get(status_url).json()  # type: ignore[attr-defined]
     assert body["status"] not in ("finished", "failed", "cancelled"), body
@@ -51,6 +58,8 @@ def test_kill_9_of_serve_ends_its_worker_and_the_running_evaluation(
     # The worker, its pool process and the sandboxed evaluation (with its sandbox wrapper).
     tree = services.tree(first)
     assert len(tree) >= 3, tree
+    # All of it yields the CPU to the API in serve's own process.
+    assert all(_niceness(pid) >= 10 for pid in alive(tree)), {p: _niceness(p) for p in tree}
 
     os.kill(first.proc.pid, signal.SIGKILL)
     first.proc.wait()
