@@ -267,13 +267,20 @@ def _run(
     ``time_limit_errors`` are exceptions that mean "the task's time is up" (Celery's soft
     limit); they fail the job with a message rather than propagate.
     """
-    with transaction(sessions) as session:
-        claim = take(session)
-        submission = session.get(Submission, claim.submission_id) if claim else None
-        if claim is None or submission is None:
-            return Outcome.SKIPPED
-        job = _job(submission, settings)
-        config = JobConfig.of(submission, settings.eval_limit)
+
+    def claim_job() -> tuple[Claim, SandboxJob, JobConfig] | None:
+        with transaction(sessions) as session:
+            claim = take(session)
+            submission = session.get(Submission, claim.submission_id) if claim else None
+            if claim is None or submission is None:
+                return None
+            return claim, _job(submission, settings), JobConfig.of(submission, settings.eval_limit)
+
+    # The database may go away between the task's check and the claim: wait for it again.
+    claimed = _retrying(settings)(claim_job)
+    if claimed is None:
+        return Outcome.SKIPPED
+    claim, job, config = claimed
     stored = find_stored(settings, claim.submission_id, config)
     if stored is not None:
         log.info(
