@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 RUNNING, FINISHED = SubmissionStatus.RUNNING, SubmissionStatus.FINISHED
-ARRIVALS = 3
+ARRIVALS = 4
 
 
 def _children(pids: list[int]) -> list[int]:
@@ -60,12 +60,19 @@ def test_a_lost_message_does_not_wait_behind_steady_arrivals(
         lost = create_submission(session, settings, small_cnn_file(tmp_path / "lost.st", seed=99))
         lost_id = lost.id
         lifecycle.submit(session, lost, utcnow())
-    workers.start(settings)
-    arrivals: list[str] = []
-    # Jobs keep arriving, so the broker is never empty while the lost one waits.
-    while len(arrivals) < ARRIVALS and not row(sessions, lost_id).status.is_final:
+
+    def arrive() -> None:
         model = small_cnn_file(tmp_path / f"arrival{len(arrivals)}.st", seed=len(arrivals))
         arrivals.append(api.upload(model)["id"])
+
+    # Jobs keep arriving, so the broker is never empty while the lost one waits (the old
+    # reaper re-sent a lost job only once it was).
+    arrivals: list[str] = []
+    arrive()
+    arrive()
+    workers.start(settings)
+    while len(arrivals) < ARRIVALS and not row(sessions, lost_id).status.is_final:
+        arrive()
         time.sleep(2.0)
     done = wait_for_row(sessions, lost_id, lambda r: r.status.is_final, what="the lost job")
     assert done.status is FINISHED, done.message
