@@ -30,7 +30,6 @@ def serve_env(state_dir: Path, **overrides: str) -> dict[str, str]:
         SPATIALBENCH_SANDBOX_USER="",
         SPATIALBENCH_SANDBOX_THREADS="1",
         SPATIALBENCH_PROGRESS_INTERVAL_S="0.5",
-        SPATIALBENCH_HEARTBEAT_INTERVAL_S="0.5",
         SPATIALBENCH_REAPER_INTERVAL_S="1",
     )
     env.update({f"SPATIALBENCH_{k.upper()}": v for k, v in overrides.items()})
