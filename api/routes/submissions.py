@@ -84,7 +84,7 @@ def _upload_schema() -> dict[str, Any]:
         200: {"description": "The same file was already submitted to this benchmark.",
               "model": SubmissionAccepted},
         401: _error("No, unknown or revoked token", "unauthorized", "Unknown API token."),
-        409: _error("Submitted privately by another user", "conflict", "..."),
+        409: _error("The same file sent twice at the same moment", "conflict", "..."),
         413: _error("Over the size limit", "upload_too_large", "The upload is larger..."),
         422: _error("Refused metadata or model file", "unsupported_model_format",
                     "This is a pickled PyTorch checkpoint ..."),
