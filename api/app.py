@@ -20,6 +20,7 @@ from api.routes import catalog, leaderboard, ops, submissions
 from api.services.leaderboard import BoardCache
 from db.session import Database
 from spatialbench.settings import Settings, get_settings
+from storage import storage_from_settings
 from worker.queue import Producer
 
 __all__ = ["API_PREFIX", "create_app"]
@@ -36,11 +37,12 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     database = database or Database(settings)
     # The API publishes to the broker of its own settings; it connects on the first publish.
     producer = Producer(settings)
+    # One storage per process: the S3 backend holds a connection pool.
+    storage = storage_from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        assert settings.storage_dir is not None
-        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        settings.ensure_dirs()
         if settings.migrate_on_start:
             from db.migrate import upgrade
 
@@ -67,6 +69,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     )
     app.state.settings = settings
     app.state.database = database
+    app.state.storage = storage
     app.state.enqueuer = producer
     app.state.metrics = ApiMetrics(database)
     app.state.board_cache = BoardCache()

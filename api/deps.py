@@ -8,6 +8,8 @@
   unknown or revoked; ``OptionalUser`` is None without a token).
 - ``SubmissionDep``: the submission of the path's ``submission_id``; 404 when it does not
   exist or is private and not the caller's.
+- ``StorageDep``: the app's storage of models and example images (one per process, made by
+  ``create_app`` from the settings).
 - ``EnqueuerDep``: hands a submission id to the workers through the app's producer, built
   from the app's settings (tests override ``get_enqueuer``).
 """
@@ -28,6 +30,7 @@ from api.services.users import authenticate
 from db.models import Submission, User
 from db.session import Database, transaction
 from spatialbench.settings import Settings
+from storage import Storage
 
 __all__ = [
     "CurrentUser",
@@ -37,6 +40,7 @@ __all__ = [
     "OptionalUser",
     "SessionDep",
     "SettingsDep",
+    "StorageDep",
     "SubmissionDep",
     "base_url",
     "get_enqueuer",
@@ -53,6 +57,13 @@ async def get_settings(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 async def get_database(request: Request) -> Database:

@@ -32,14 +32,14 @@ from urllib.parse import urlencode
 
 import jinja2
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import plots
-from api.deps import SessionDep, SettingsDep, base_url
+from api.deps import SessionDep, SettingsDep, StorageDep, base_url
 from api.errors import DatabaseUnavailable, NotFound
 from api.schemas import LeaderboardPage, SortKey, SortOrder, as_utc
 from api.services.benchmarks import benchmark_public, get_benchmark, list_benchmarks
@@ -56,6 +56,7 @@ from db.models import Evaluation, Submission, SubmissionStatus, TrainingMethod
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError
 from spatialbench.settings import Settings
+from storage import ObjectNotFoundError, example_key
 
 __all__ = ["BoardQuery", "PageNotFound", "install_pages", "router"]
 
@@ -733,23 +734,26 @@ def fool_histogram_plot(request: Request, submission_id: str, session: SessionDe
 
 @router.get("/submissions/{submission_id}/examples/{name}.png")
 def example_image(
-    submission_id: str, name: str, session: SessionDep, settings: SettingsDep
+    submission_id: str, name: str, session: SessionDep, storage: StorageDep
 ) -> Response:
     """An example image, only by a name this evaluation lists (nothing else in storage is
-    reachable: the name is checked against a strict pattern and against the record)."""
+    reachable: the name is checked against a strict pattern and against the record),
+    streamed from the storage the worker put it in."""
     if not _EXAMPLE_NAME.match(name):
         raise PageNotFound("There is no such example image.")
     submission = _submission(session, submission_id)
     evaluation = _finished_evaluation(submission)
-    stored = f"examples/{submission.id}/{name}.png"
+    key = example_key(submission.id, name)
     listed = evaluation is not None and any(
-        isinstance(e, dict) and stored in (e.get("original"), e.get("transformed"))
+        isinstance(e, dict) and key in (e.get("original"), e.get("transformed"))
         for e in evaluation.examples or []
     )
-    assert settings.storage_dir is not None
-    path = settings.storage_dir / "examples" / submission.id / f"{name}.png"
-    if not listed or not path.is_file() or path.is_symlink():
+    if not listed:
         raise PageNotFound("There is no such example image.")
-    return FileResponse(
-        path, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"}
+    try:
+        chunks = storage.stream(key)
+    except ObjectNotFoundError:
+        raise PageNotFound("There is no such example image.") from None
+    return StreamingResponse(
+        chunks, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"}
     )

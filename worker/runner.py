@@ -8,7 +8,10 @@ the old owner changes nothing, and the old owner stops its sandbox.
   `run_submission` takes one job by id.
 - The evaluation runs in the sandbox; progress and the heartbeat are written at most every
   ``progress_interval_s``; a cancel request stops the sandbox within seconds.
-- A finished result is written to the job's storage first (`worker.results`), then recorded
+- The model is fetched from the storage (`storage`: a local folder or S3) into a private
+  folder of the job; the sandbox gets that local file and never the storage's credentials.
+  Example images go back into the storage, where the pages read them.
+- A finished result is written to the storage first (`worker.results`), then recorded
   with its configuration, retried with backoff while the database is away. A later claim with
   the same configuration records a stored result instead of evaluating again.
 """
@@ -20,8 +23,10 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,15 @@ from db.lifecycle import Claim, FinishOutcome, JobConfig, RunState
 from db.models import Evaluation, Submission, utcnow
 from db.session import transaction
 from spatialbench.settings import Settings
+from storage import (
+    LocalStorage,
+    ObjectNotFoundError,
+    Storage,
+    StorageError,
+    example_key,
+    model_key,
+    storage_from_settings,
+)
 from worker.results import StoredResult, find_stored, forget_stored, store_result
 from worker.sandbox import (
     SandboxFailure,
@@ -119,11 +133,6 @@ def wait_for_database(sessions: sessionmaker[Session], settings: Settings) -> No
         raise DatabaseUnavailable(str(exc)) from exc
 
 
-def examples_dir(settings: Settings, submission_id: str) -> Path:
-    assert settings.storage_dir is not None
-    return settings.storage_dir / "examples" / submission_id
-
-
 def sandbox_deadline(settings: Settings) -> float:
     """The sandbox's wall-clock limit: the setting, else a minute under the soft time limit
     (so the sandbox, not Celery, stops a slow evaluation and the message says why)."""
@@ -192,9 +201,9 @@ def _progress_values(message: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _job(submission: Submission, settings: Settings) -> SandboxJob:
+def _job(submission: Submission, settings: Settings, model_path: Path) -> SandboxJob:
     return SandboxJob(
-        model_path=settings.model_path(submission.file_sha256),
+        model_path=model_path,
         model_format=submission.model_format.value,
         benchmark=submission.benchmark,
         architecture=submission.architecture,
@@ -225,14 +234,17 @@ def run_next(
     sessions: sessionmaker[Session],
     settings: Settings,
     *,
+    storage: Storage | None = None,
     worker: str | None = None,
     time_limit_errors: tuple[type[BaseException], ...] = (),
 ) -> Outcome:
-    """Evaluate the oldest free job, if there is one (see `db.lifecycle.claim_next`)."""
+    """Evaluate the oldest free job, if there is one (see `db.lifecycle.claim_next`).
+    ``storage``: the process's (`worker.runtime`); by default one made from ``settings``."""
     worker = worker or worker_name()
     return _run(
         sessions,
         settings,
+        storage or storage_from_settings(settings),
         lambda session: lifecycle.claim_next(session, worker, utcnow(), settings),
         time_limit_errors,
     )
@@ -243,6 +255,7 @@ def run_submission(
     submission_id: str,
     settings: Settings,
     *,
+    storage: Storage | None = None,
     worker: str | None = None,
     time_limit_errors: tuple[type[BaseException], ...] = (),
 ) -> Outcome:
@@ -251,6 +264,7 @@ def run_submission(
     return _run(
         sessions,
         settings,
+        storage or storage_from_settings(settings),
         lambda session: lifecycle.claim(session, submission_id, worker, utcnow(), settings),
         time_limit_errors,
     )
@@ -259,6 +273,7 @@ def run_submission(
 def _run(
     sessions: sessionmaker[Session],
     settings: Settings,
+    storage: Storage,
     take: Callable[[Session], Claim | None],
     time_limit_errors: tuple[type[BaseException], ...],
 ) -> Outcome:
@@ -268,20 +283,20 @@ def _run(
     limit); they fail the job with a message rather than propagate.
     """
 
-    def claim_job() -> tuple[Claim, SandboxJob, JobConfig] | None:
+    def claim_job() -> tuple[Claim, Submission, JobConfig] | None:
         with transaction(sessions) as session:
             claim = take(session)
             submission = session.get(Submission, claim.submission_id) if claim else None
             if claim is None or submission is None:
                 return None
-            return claim, _job(submission, settings), JobConfig.of(submission, settings.eval_limit)
+            return claim, submission, JobConfig.of(submission, settings.eval_limit)
 
     # The database may go away between the task's check and the claim: wait for it again.
     claimed = _retrying(settings)(claim_job)
     if claimed is None:
         return Outcome.SKIPPED
-    claim, job, config = claimed
-    stored = find_stored(settings, claim.submission_id, config)
+    claim, submission, config = claimed
+    stored = find_stored(storage, claim.submission_id, config)
     if stored is not None:
         log.info(
             "recording the stored result of %s (computed under claim %s) instead of "
@@ -289,15 +304,56 @@ def _run(
             claim.submission_id,
             stored.claim_token,
         )
-        return _record_stored(sessions, claim, settings, stored)
+        return _record_stored(sessions, claim, settings, storage, stored)
     log.info("evaluating %s (attempt %d) on %s", claim.submission_id, claim.attempt, claim.worker)
-    if not job.model_path.is_file():
-        return _record_failure(
-            sessions,
-            claim,
-            settings,
-            "The uploaded model file is missing from the worker's storage; upload it again.",
-        )
+    with _local_model(storage, submission.file_sha256, settings) as model_path:
+        if model_path is None:
+            return _record_failure(
+                sessions,
+                claim,
+                settings,
+                "The uploaded model file is missing from the worker's storage; upload it again.",
+            )
+        job = _job(submission, settings, model_path)
+        return _evaluate(sessions, claim, settings, storage, config, job, time_limit_errors)
+
+
+@contextmanager
+def _local_model(storage: Storage, sha256: str, settings: Settings) -> Iterator[Path | None]:
+    """The model as a local file for the sandbox (None when the storage has no such object).
+
+    The local backend's file is used where it lies (the sandbox copies it into its own folder
+    anyway); any other backend's object is fetched into a folder only this process may enter,
+    removed afterwards.
+    """
+    key = model_key(sha256)
+    if isinstance(storage, LocalStorage):
+        path = storage.path(key)
+        yield path if path.is_file() else None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="spatialbench-model-", dir=settings.sandbox_tmp_dir))
+    try:
+        os.chmod(folder, 0o700)
+        try:
+            path = storage.fetch(key, folder / "model")
+        except ObjectNotFoundError:
+            yield None
+            return
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _evaluate(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    settings: Settings,
+    storage: Storage,
+    config: JobConfig,
+    job: SandboxJob,
+    time_limit_errors: tuple[type[BaseException], ...],
+) -> Outcome:
+    """Run ``job`` in the sandbox and record what comes of it."""
     progress = _Progress(sessions, claim, settings)
     try:
         output = run_sandboxed(
@@ -326,7 +382,7 @@ def _run(
             "Make the model faster, or ask the operator for a longer limit.",
         )
     try:
-        return _record_output(sessions, claim, settings, config, output)
+        return _record_output(sessions, claim, settings, storage, config, output)
     finally:
         if output.examples_dir is not None:
             shutil.rmtree(output.examples_dir, ignore_errors=True)
@@ -409,23 +465,21 @@ def _first_order(metrics: dict[str, Any]) -> float | None:
 
 
 def _store_examples(
-    settings: Settings, submission_id: str, output: SandboxOutput
+    storage: Storage, submission_id: str, output: SandboxOutput
 ) -> list[dict[str, Any]]:
-    """Move the checked PNGs to ``<storage_dir>/examples/<id>/``; paths in the metadata become
-    relative to the storage folder."""
+    """Put the checked PNGs into the storage (``examples/<id>/NAME.png``); the names in the
+    metadata become those keys, which the pages serve."""
     if output.examples_dir is None or not output.examples:
         return []
-    target = examples_dir(settings, submission_id)
-    staging = target.with_name(target.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in os.listdir(output.examples_dir):
-        shutil.copyfile(output.examples_dir / name, staging / name)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    prefix = f"examples/{submission_id}/"
+    keys: dict[str, str] = {}
+    for e in output.examples:
+        for kind in ("original", "transformed"):
+            file_name = e[kind]
+            if file_name not in keys:
+                keys[file_name] = example_key(submission_id, Path(file_name).stem)
+                storage.put_file(keys[file_name], output.examples_dir / file_name)
     return [
-        {**e, "original": prefix + e["original"], "transformed": prefix + e["transformed"]}
+        {**e, "original": keys[e["original"]], "transformed": keys[e["transformed"]]}
         for e in output.examples
     ]
 
@@ -434,19 +488,20 @@ def _record_output(
     sessions: sessionmaker[Session],
     claim: Claim,
     settings: Settings,
+    storage: Storage,
     config: JobConfig,
     output: SandboxOutput,
 ) -> Outcome:
-    """Store the result and its examples on the job's storage, then record it."""
+    """Store the result and its examples in the storage, then record it."""
     try:
-        examples = _store_examples(settings, claim.submission_id, output)
-    except OSError:
+        examples = _store_examples(storage, claim.submission_id, output)
+    except (OSError, StorageError):
         log.exception("could not store the example images of %s", claim.submission_id)
         examples = []
     stored = store_result(
-        settings, claim.submission_id, claim.token, config, output.result, examples
+        storage, claim.submission_id, claim.token, config, output.result, examples
     )
-    return _record_stored(sessions, claim, settings, stored)
+    return _record_stored(sessions, claim, settings, storage, stored)
 
 
 _FINISH_OUTCOMES = {
@@ -457,7 +512,11 @@ _FINISH_OUTCOMES = {
 
 
 def _record_stored(
-    sessions: sessionmaker[Session], claim: Claim, settings: Settings, stored: StoredResult
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    settings: Settings,
+    storage: Storage,
+    stored: StoredResult,
 ) -> Outcome:
     """Record ``stored`` under ``claim``, retrying while the database is away. The stored file
     stays until the result is in the database (a worker that dies meanwhile loses nothing)."""
@@ -465,12 +524,12 @@ def _record_stored(
         outcome = _retrying(settings)(_write_result, sessions, claim, stored)
     except MalformedResult as exc:
         log.warning("malformed result for %s: %s", claim.submission_id, exc)
-        forget_stored(settings, claim.submission_id)
+        forget_stored(storage, claim.submission_id)
         return _record_failure(
             sessions, claim, settings, "The evaluation process returned a malformed result."
         )
     if outcome is Outcome.FINISHED:
-        forget_stored(settings, claim.submission_id)
+        forget_stored(storage, claim.submission_id)
     return outcome
 
 

@@ -1,4 +1,5 @@
-"""What a worker process holds: its settings, its database engine and its reaper thread.
+"""What a worker process holds: its settings, its database engine, its storage (models, example
+images, stored results) and its reaper thread.
 
 Made in the process that uses them (Celery's ``worker_process_init``, or on first use), never
 at import: an engine or a thread inherited through ``fork`` is not safe to use.
@@ -15,6 +16,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from db.session import Database
 from spatialbench.settings import Settings, get_settings
+from storage import Storage, storage_from_settings
 from worker.queue import enqueue_evaluation
 from worker.reaper import ReaperThread
 from worker.sandbox import remove_abandoned_job_dirs
@@ -28,6 +30,7 @@ __all__ = ["Runtime", "get_runtime"]
 class Runtime:
     settings: Settings
     database: Database
+    storage: Storage
     pid: int
     reaper: ReaperThread | None = None
 
@@ -45,7 +48,12 @@ def get_runtime() -> Runtime:
     global _runtime
     if _runtime is None or _runtime.pid != os.getpid():
         settings = _app_settings()
-        _runtime = Runtime(settings=settings, database=Database(settings), pid=os.getpid())
+        _runtime = Runtime(
+            settings=settings,
+            database=Database(settings),
+            storage=storage_from_settings(settings),
+            pid=os.getpid(),
+        )
     return _runtime
 
 

@@ -33,6 +33,7 @@ def evaluate_submission(submission_id: str) -> str:
     outcome = run_next(
         runtime.database.sessions,
         runtime.settings,
+        storage=runtime.storage,
         time_limit_errors=(SoftTimeLimitExceeded,),
     )
     log.info("message for %s: %s", submission_id, outcome.value)

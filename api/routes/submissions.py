@@ -13,6 +13,7 @@ from api.deps import (
     EnqueuerDep,
     SessionDep,
     SettingsDep,
+    StorageDep,
     SubmissionDep,
     base_url,
     enqueue_after_commit,
@@ -97,6 +98,7 @@ async def create_submission(
     user: CurrentUser,
     session: SessionDep,
     settings: SettingsDep,
+    storage: StorageDep,
     enqueue: EnqueuerDep,
     background: BackgroundTasks,
 ) -> SubmissionAccepted:
@@ -108,12 +110,11 @@ async def create_submission(
     """
     # Before reading the body: a user at a cap does not get to upload 500 MB first.
     await run_in_threadpool(check_caps, session, settings, user)
-    assert settings.storage_dir is not None
     upload = await receive_multipart(
         request.headers.get("content-type"),
         request.headers.get("content-length"),
         request.stream(),
-        settings.storage_dir,
+        settings.state_dir,
         settings.max_upload_bytes,
     )
     try:
@@ -121,7 +122,7 @@ async def create_submission(
             meta = SubmissionCreate.model_validate(upload.fields)
         except ValidationError as exc:
             raise invalid_input(exc.errors(), "submission metadata") from None
-        result = await run_in_threadpool(submit, session, settings, user, meta, upload)
+        result = await run_in_threadpool(submit, session, settings, user, meta, upload, storage)
     finally:
         discard(upload)
     if result.enqueue:

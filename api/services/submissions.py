@@ -46,6 +46,7 @@ from db.session import on_rollback
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.models.registry import get_architecture
 from spatialbench.settings import Settings
+from storage import Storage
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -215,6 +216,7 @@ def submit(
     owner: User,
     meta: SubmissionCreate,
     upload: StagedUpload,
+    storage: Storage,
 ) -> SubmitResult:
     """Accept ``upload`` (a received, not yet checked file) as a submission of ``owner``.
 
@@ -241,9 +243,9 @@ def submit(
             upload.path, benchmark, meta.architecture, 2 * settings.max_upload_bytes
         )
         size, sha256 = upload.size, upload.sha256
-        path, created = store_file(upload, settings)
+        key, created = store_file(upload, storage)
         if created:
-            on_rollback(session, lambda: path.unlink(missing_ok=True))
+            on_rollback(session, lambda: storage.delete(key))
         if existing is not None and existing.owner_id == owner.id:
             return _resubmit(session, existing, owner, meta, model_format)
         submission = Submission(

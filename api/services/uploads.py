@@ -1,10 +1,11 @@
 """Receiving a model file: stream it to disk with a size cap, hash it, check it, store it by hash.
 
 The request body is parsed as it arrives (``python-multipart``'s streaming parser), file bytes
-go straight into a temporary file next to the store (``<storage_dir>/incoming``) and into a
-sha256, and nothing larger than a text field is ever held in memory. A file that passes the
-checks is moved to ``<storage_dir>/<sha256[:2]>/<sha256>`` with an atomic rename; any other
-outcome deletes the temporary file.
+go straight into a temporary file in the API's own staging folder (``<state_dir>/incoming``,
+outside the store, which may be object storage) and into a sha256, and nothing larger than a
+text field is ever held in memory. A file that passes the checks is put into the storage under
+``model_key(sha256)`` (a rename on the local backend); any other outcome deletes the temporary
+file.
 
 The checks never unpickle: safetensors headers and tensors are read by ``safetensors``, and a
 torch.export archive is inspected as a zip plus its JSON program (``check_export_archive``);
@@ -39,7 +40,7 @@ from evaluator.models.loading import (
 )
 from evaluator.models.pt2 import strip_sample_inputs
 from evaluator.models.registry import ArchitectureSpec, get_architecture
-from spatialbench.settings import Settings
+from storage import Storage, model_key
 
 __all__ = [
     "FILE_FIELD",
@@ -72,8 +73,9 @@ class StagedUpload:
     _hash: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
 
 
-def staging_dir(storage_dir: Path) -> Path:
-    path = storage_dir / "incoming"
+def staging_dir(state_dir: Path) -> Path:
+    """Where uploads are received: the API's own disk, never the (maybe remote) store."""
+    path = state_dir / "incoming"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -186,12 +188,12 @@ async def receive_multipart(
     content_type: str | None,
     content_length: str | None,
     body: AsyncIterator[bytes],
-    storage_dir: Path,
+    state_dir: Path,
     max_bytes: int,
 ) -> StagedUpload:
     """Parse a ``multipart/form-data`` body as it streams in.
 
-    The part named ``file`` is written to a temporary file in ``<storage_dir>/incoming`` and
+    The part named ``file`` is written to a temporary file in ``<state_dir>/incoming`` and
     hashed; the other parts are returned as text fields. Raises ``UploadTooLarge`` (413) once
     the file passes ``max_bytes`` (or at once when the declared length says it will),
     ``InvalidInput``/``BadRequest`` for a malformed form; the temporary file is deleted on
@@ -206,7 +208,7 @@ async def receive_multipart(
     if content_length and content_length.isdigit():
         if int(content_length) > max_bytes + FORM_OVERHEAD_BYTES:
             raise _too_large(max_bytes)
-    receiver = _Receiver(staging_dir(storage_dir), max_bytes)
+    receiver = _Receiver(staging_dir(state_dir), max_bytes)
     parser = MultipartParser(
         params[b"boundary"],
         {
@@ -292,22 +294,20 @@ def check_model_file(
     return ModelFormatName.EXPORT
 
 
-def store_file(upload: StagedUpload, settings: Settings) -> tuple[Path, bool]:
-    """Move the staged file to ``settings.model_path(sha256)``
-    (``<storage_dir>/<sha256[:2]>/<sha256>``).
+def store_file(upload: StagedUpload, storage: Storage) -> tuple[str, bool]:
+    """Put the staged file into ``storage`` under ``model_key(sha256)``.
 
-    Returns the stored path and whether this call created it. When a file with that hash is
-    already stored (the same bytes), the staged copy is deleted instead.
+    Returns the key and whether this call stored it. When an object with that hash is already
+    stored (the same bytes), the staged copy is deleted instead.
     """
     assert upload.path is not None and upload.sha256, "store_file needs a received file"
-    target = settings.model_path(upload.sha256)
-    if target.exists():
+    key = model_key(upload.sha256)
+    if storage.exists(key):
         discard(upload)
-        return target, False
-    target.parent.mkdir(parents=True, exist_ok=True)
+        return key, False
+    # Readable by the worker's user when the store is a shared local folder.
     os.chmod(upload.path, 0o644)
-    # Atomic on one filesystem (the staging folder lives inside the store): a reader sees
-    # the whole file or none.
-    os.replace(upload.path, target)
+    # The local backend renames (atomic on one file system); S3 uploads then removes the source.
+    storage.put_file(key, upload.path, move=True)
     upload.path = None
-    return target, True
+    return key, True

@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Evaluation, SubmissionStatus
 from spatialbench.settings import Settings
+from storage import storage_from_settings
 from tests.faults.conftest import Api, PostgresServer, Workers, wait_for_row
 from tests.worker.helpers import small_cnn_file, wait_for
-from worker.results import results_dir
+from worker.results import result_key, results_prefix
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -44,7 +45,8 @@ def _evaluation(sessions: sessionmaker[Session], submission_id: str) -> Evaluati
 
 
 def _sandbox_children_done(settings: Settings, submission_id: str, token: str) -> Path:
-    stored = results_dir(settings, submission_id) / f"{token}.json"
+    assert settings.storage_dir is not None  # the local backend: the worker's own folder
+    stored = settings.storage_dir / result_key(submission_id, token)
     wait_for(stored.exists, 240, what="the finished result to be stored")
     return stored
 
@@ -122,4 +124,4 @@ def test_a_worker_restarted_after_an_outage_records_the_stored_result_and_consum
     assert evaluation.job is not None
     # Computed by the first worker's run, recorded under the second worker's claim.
     assert evaluation.job["computed_under"] == token != evaluation.job["claim_token"]
-    assert not results_dir(settings, sid).exists()
+    assert storage_from_settings(settings).list(results_prefix(sid)) == []

@@ -18,13 +18,14 @@ from evaluator.data import load_dataset, resolve_benchmark
 from evaluator.evaluate import EvalOptions, evaluate
 from evaluator.models.loading import load_model
 from spatialbench.settings import Settings
+from storage import storage_from_settings
 from tests.worker.helpers import (
     QUICK_BENCHMARK,
     create_submission,
     export_file,
     small_cnn_file,
 )
-from worker.results import find_stored, results_dir, store_result
+from worker.results import find_stored, results_prefix, store_result
 from worker.runner import Outcome, _record_failure, run_next, run_submission
 
 
@@ -161,7 +162,7 @@ def test_run_submission_records_the_evaluators_result(
     assert evaluation.job["file_sha256"] == row.file_sha256
     assert (evaluation.job["mean"], evaluation.job["limit"]) == (None, 40)
     assert evaluation.job["claim_token"] == evaluation.job["computed_under"] == row.claim_token
-    assert not results_dir(settings, sid).exists()
+    assert storage_from_settings(settings).list(results_prefix(sid)) == []
 
     # A second run of a finished job changes nothing.
     assert run_submission(sessions, sid, settings, worker="w2") is Outcome.SKIPPED
@@ -222,9 +223,10 @@ def test_a_stored_result_is_recorded_instead_of_evaluating_again(
                  "seed": 0},
         "config": {"images": 8},
     }  # fmt: skip
-    store_result(settings, sid, "a" * 32, other, {**result, "metrics": {}}, [])
-    store_result(settings, sid, "b" * 32, job, result, [])
-    assert find_stored(settings, sid, job) is not None
+    storage = storage_from_settings(settings)
+    store_result(storage, sid, "a" * 32, other, {**result, "metrics": {}}, [])
+    store_result(storage, sid, "b" * 32, job, result, [])
+    assert find_stored(storage, sid, job) is not None
     # The model file is gone: had it evaluated, it would have failed.
     settings.model_path(_row(sessions, sid).file_sha256).unlink()
     assert run_next(sessions, settings, worker="w2") is Outcome.FINISHED
@@ -233,4 +235,4 @@ def test_a_stored_result_is_recorded_instead_of_evaluating_again(
     assert (evaluation.natural, evaluation.first_order) == (0.25, 0.125)
     assert evaluation.job is not None and evaluation.job["computed_under"] == "b" * 32
     assert evaluation.job["claim_token"] == _row(sessions, sid).claim_token != "b" * 32
-    assert not results_dir(settings, sid).exists()
+    assert storage_from_settings(settings).list(results_prefix(sid)) == []
