@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import SecretStr
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 from torch import Tensor, nn
@@ -150,6 +151,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(mode="json").items():
         if value is None:
             continue
+        # A secret dumps as asterisks; the worker needs its value (the S3 key, for one).
+        raw = getattr(settings, name)
+        if isinstance(raw, SecretStr):
+            value = raw.get_secret_value()
         env[f"SPATIALBENCH_{name.upper()}"] = str(value)
     return env
 
