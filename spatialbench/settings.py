@@ -2,8 +2,9 @@
 
 Read once from the environment (prefix ``SPATIALBENCH_``) or a ``.env`` file, then passed
 down. The defaults are the embedded mode: SQLite and a broker that needs no server, everything
-under ``./var``. Production sets ``SPATIALBENCH_ENV=production`` and real URLs; a placeholder
-secret is refused there.
+under ``./var``. Production sets ``SPATIALBENCH_ENV=production`` and real URLs; the embedded
+defaults (a SQLite database, a broker without a server) are refused there, since several
+processes on several machines must share them.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-PLACEHOLDER_SECRET = "change-me"
 
 
 class Environment(StrEnum):
@@ -28,7 +27,6 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPATIALBENCH_", env_file=".env", extra="ignore")
 
     env: Environment = Environment.DEVELOPMENT
-    secret_key: str = PLACEHOLDER_SECRET
 
     # Where the embedded mode keeps its database, broker and uploads.
     state_dir: Path = Path("var")
@@ -100,11 +98,21 @@ class Settings(BaseSettings):
             self.storage_dir = state / "models"
         if self.storage_url is None:
             self.storage_url = self.storage_dir.resolve().as_uri()
-        if self.env is Environment.PRODUCTION and self.secret_key == PLACEHOLDER_SECRET:
-            raise ValueError(
-                "SPATIALBENCH_SECRET_KEY is the placeholder; set a real secret in production"
-            )
+        if self.env is Environment.PRODUCTION:
+            self._refuse_embedded_defaults()
         return self
+
+    def _refuse_embedded_defaults(self) -> None:
+        if self.is_sqlite:
+            raise ValueError(
+                "SPATIALBENCH_DATABASE_URL is a SQLite file, the embedded default; production "
+                "needs a PostgreSQL URL (postgresql+psycopg://user:password@host/db)"
+            )
+        if str(self.broker_url).startswith(("sqla+", "sqlalchemy+", "filesystem:")):
+            raise ValueError(
+                "SPATIALBENCH_BROKER_URL is a broker without a server, the embedded default; "
+                "production needs a Redis URL (redis://:password@host:6379/0)"
+            )
 
     @property
     def is_sqlite(self) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from spatialbench.settings import PLACEHOLDER_SECRET, Environment, Settings
+from spatialbench.settings import Environment, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("evaluator", "worker", "api", "db", "storage", "spatialbench")
@@ -17,7 +17,7 @@ PACKAGES = ("evaluator", "worker", "api", "db", "storage", "spatialbench")
 @pytest.fixture(autouse=True)
 def _no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # Settings read SPATIALBENCH_* variables; a developer's own must not decide these tests.
-    for name in ("SPATIALBENCH_ENV", "SPATIALBENCH_SECRET_KEY"):
+    for name in ("SPATIALBENCH_ENV", "SPATIALBENCH_DATABASE_URL", "SPATIALBENCH_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -25,36 +25,51 @@ def make(**values: object) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-def test_production_refuses_the_placeholder_secret(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="SPATIALBENCH_SECRET_KEY is the placeholder"):
-        make(env=Environment.PRODUCTION, state_dir=tmp_path)
+PRODUCTION_URLS = {
+    "database_url": "postgresql+psycopg://spatialbench:pw@postgres:5432/spatialbench",
+    "broker_url": "redis://:pw@redis:6379/0",
+}
 
 
-def test_production_refuses_the_placeholder_given_explicitly(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="set a real secret in production"):
-        make(env=Environment.PRODUCTION, secret_key=PLACEHOLDER_SECRET, state_dir=tmp_path)
+def test_production_refuses_the_embedded_database(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="SPATIALBENCH_DATABASE_URL is a SQLite file"):
+        make(env=Environment.PRODUCTION, state_dir=tmp_path, broker_url="redis://redis:6379/0")
 
 
-def test_production_read_from_the_environment_refuses_the_placeholder(
+def test_production_refuses_the_serverless_broker(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="SPATIALBENCH_BROKER_URL is a broker without"):
+        make(
+            env=Environment.PRODUCTION,
+            state_dir=tmp_path,
+            database_url=PRODUCTION_URLS["database_url"],
+        )
+
+
+def test_production_read_from_the_environment_refuses_the_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SPATIALBENCH_ENV", "production")
     monkeypatch.setenv("SPATIALBENCH_STATE_DIR", str(tmp_path))
-    with pytest.raises(ValidationError, match="SPATIALBENCH_SECRET_KEY is the placeholder"):
+    with pytest.raises(ValidationError, match="production needs a PostgreSQL URL"):
         Settings(_env_file=None)  # type: ignore[call-arg]
 
 
-def test_production_takes_a_real_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_production_takes_a_server_database_and_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SPATIALBENCH_ENV", "production")
-    monkeypatch.setenv("SPATIALBENCH_SECRET_KEY", "a-real-secret")
+    monkeypatch.setenv("SPATIALBENCH_DATABASE_URL", PRODUCTION_URLS["database_url"])
+    monkeypatch.setenv("SPATIALBENCH_BROKER_URL", PRODUCTION_URLS["broker_url"])
     settings = Settings(_env_file=None, state_dir=tmp_path)  # type: ignore[call-arg]
     assert settings.env is Environment.PRODUCTION
-    assert settings.secret_key == "a-real-secret"
+    assert not settings.is_sqlite
 
 
 @pytest.mark.parametrize("env", [Environment.DEVELOPMENT, Environment.TEST])
-def test_development_and_tests_run_with_the_placeholder(env: Environment, tmp_path: Path) -> None:
-    assert make(env=env, state_dir=tmp_path).secret_key == PLACEHOLDER_SECRET
+def test_development_and_tests_run_on_the_embedded_defaults(
+    env: Environment, tmp_path: Path
+) -> None:
+    assert make(env=env, state_dir=tmp_path).is_sqlite
 
 
 def _attributes_read(tree: ast.AST) -> set[str]:
@@ -87,19 +102,7 @@ READ = _settings_read()
 GUARD = {"env"}
 
 
-def _field_params() -> list[object]:
-    unused_secret = pytest.mark.xfail(
-        strict=True,
-        reason="secret_key is read by nothing but its own production guard, while "
-        "docker-compose.yml insists on it: use it or drop both",
-    )
-    return [
-        pytest.param(name, marks=unused_secret) if name == "secret_key" else name
-        for name in sorted(Settings.model_fields)
-    ]
-
-
-@pytest.mark.parametrize("field", _field_params())
+@pytest.mark.parametrize("field", sorted(Settings.model_fields))
 def test_every_setting_is_read_somewhere(field: str) -> None:
     """A setting nothing reads is a knob that turns nothing (an attribute of that name is read
     somewhere in the project; a name shared with another object can hide one, never invent
