@@ -22,7 +22,14 @@ MAX_TEXT = 2000
 MAX_SHORT_TEXT = 200
 _KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_+. -]{0,63}$")
 # Per-image fields whose values are 0/1 flags, -1 meaning "not measured".
-_FLAGS = ("_correct", "_robust")
+_FLAGS = ("_correct", "_robust", "_natural")
+# The evaluator's closed vocabulary of ablations (``evaluator.ablations.Ablation``; repeated
+# here because the worker imports no torch) and of fill modes (``FillMode``).
+ABLATIONS = ("rotation-only", "translation-only", "zero-fill", "reflection", "black-canvas")
+VOTE_PROTOCOLS = ("adaptive", "per-query", "transfer")
+FILL_MODES = ("zeros", "border", "reflection")
+MAX_CANVAS = 8
+_ABLATION_FIELD = re.compile(r"^ablation_([a-z_]+)_(robust|natural)$")
 
 
 class ResultRejected(ValueError):
@@ -99,12 +106,26 @@ def _metrics(value: Any, images: int) -> dict[str, Any]:
         correct = _int(metric.get("correct"), 0, total, f"metrics.{key}.correct")
         if "images" in metric:
             _int(metric["images"], 0, images, f"metrics.{key}.images")
+        _metric_extras(metric, f"metrics.{key}")
         # Further fields a metric records (its settings, its subset) pass as plain values;
         # the accuracy is recomputed, never taken as sent.
         extra = _plain(metric, f"metrics.{key}")
         out[key] = {**extra, "accuracy": correct / total if total else None, "correct": correct,
                     "total": total}  # fmt: skip
     return out
+
+
+def _metric_extras(metric: dict[str, Any], what: str) -> None:
+    """The named fields shown beside a number: the vote's attacker model from its closed
+    vocabulary, the grid's accuracy on the same images and the gap to it as fractions."""
+    if "protocol" in metric and metric["protocol"] not in VOTE_PROTOCOLS:
+        raise ResultRejected(f"{what}.protocol = {metric['protocol']!r:.80} is not a protocol")
+    if "attacker" in metric:
+        metric["attacker"] = _text(metric["attacker"], MAX_SHORT_TEXT)
+    if "grid_same_images" in metric:
+        _float(metric["grid_same_images"], 0.0, 1.0, f"{what}.grid_same_images")
+    if "gap_to_grid" in metric:
+        _float(metric["gap_to_grid"], -1.0, 1.0, f"{what}.gap_to_grid")
 
 
 def _plain(value: Any, what: str, depth: int = 0) -> Any:
@@ -163,10 +184,13 @@ def _per_image(
     out: dict[str, list[int]] = {}
     for key, values in _dict(value, "per_image").items():
         _key(key, "per_image")
+        ablation = _ABLATION_FIELD.match(key)
+        if ablation and ablation.group(1).replace("_", "-") not in ABLATIONS:
+            raise ResultRejected(f"per_image.{key} names no known ablation")
         column = _list(values, images, f"per_image.{key}")
         if key == "grid_fool_count":
             low, high = -1, points
-        elif key == "grid_fool_point":
+        elif key == "grid_fool_point" or key == "grid_vote_transfer_point":
             low, high = -1, points - 1
         elif key in ("label", "natural_pred", "grid_fool_pred") or key.endswith("_pred"):
             low, high = -1, num_classes - 1
@@ -175,6 +199,55 @@ def _per_image(
         else:  # positions and dataset indices
             low, high = -1, MAX_IMAGES * 10
         out[key] = [_int(v, low, high, f"per_image.{key}") for v in column]
+    return out
+
+
+def _ablation(name: str, value: Any, images: int) -> dict[str, Any]:
+    what = f"ablations.{name}"
+    record = _dict(value, what)
+    shape = _list(record.get("grid"), 3, f"{what}.grid")
+    grid = [_int(n, 1, MAX_GRID_POINTS, f"{what}.grid") for n in shape]
+    points = _int(grid[0] * grid[1] * grid[2], 1, MAX_GRID_POINTS, f"{what}.grid points")
+    if record.get("grid_points") != points:
+        raise ResultRejected(f"{what}.grid_points does not match its grid")
+    fill = record.get("fill")
+    if fill not in FILL_MODES:
+        raise ResultRejected(f"{what}.fill = {fill!r:.80} is not one of {FILL_MODES}")
+    translation = _list(record.get("max_translation"), 2, f"{what}.max_translation")
+    out: dict[str, Any] = {
+        "label": _text(record.get("label"), MAX_SHORT_TEXT),
+        "grid": grid,
+        "grid_points": points,
+        "max_rotation": _float(record.get("max_rotation"), 0.0, 360.0, f"{what}.max_rotation"),
+        "max_translation": [_float(t, 0.0, 1e6, f"{what}.max_translation") for t in translation],
+        "fill": fill,
+        "canvas": _int(record.get("canvas"), 1, MAX_CANVAS, f"{what}.canvas"),
+    }
+    if "error" in record:
+        # A variant that could not run: its reason, and no number that could be misread.
+        return {**out, "error": _text(record["error"]), "images": 0, "correct": 0,
+                "accuracy": None, "natural": None}  # fmt: skip
+    total = _int(record.get("images"), 0, images, f"{what}.images")
+    correct = _int(record.get("correct"), 0, total, f"{what}.correct")
+    natural = record.get("natural")
+    return {
+        **out,
+        "images": total,
+        "correct": correct,
+        # Recomputed from the counts, like every metric's.
+        "accuracy": correct / total if total else None,
+        "natural": None if natural is None else _float(natural, 0.0, 1.0, f"{what}.natural"),
+        "forward_passes": _int(record.get("forward_passes", 0), 0, 2**53, f"{what}.passes"),
+        "reused_grid": record.get("reused_grid") is True,
+    }
+
+
+def _ablations(value: Any, images: int) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, record in _dict(value, "ablations").items():
+        if name not in ABLATIONS:
+            raise ResultRejected(f"ablations has an unknown variant {name!r:.80}")
+        out[name] = _ablation(name, record, images)
     return out
 
 
@@ -227,6 +300,8 @@ def check_result(result: Any, benchmark: str) -> dict[str, Any]:
         "forward_passes": passes,
         "cost": _cost(result.get("cost")),
     }
+    if result.get("ablations"):
+        checked["ablations"] = _ablations(result["ablations"], images)
     if "per_image" in result:
         checked["per_image"] = _per_image(result["per_image"], images, points, bench["num_classes"])
     return checked
