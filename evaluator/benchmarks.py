@@ -42,6 +42,12 @@ class DatasetKind(StrEnum):
     IMAGEFOLDER = "imagefolder"
 
 
+# The landscape subset of a benchmark defined without one (a TOML table, the CLI's
+# imagefolder): the full grid for every image would cost images x grid points forward passes
+# (387,500 for 500 images), the rest of the evaluation usually a few percent of that.
+DEFAULT_LANDSCAPE_SUBSET = 100
+
+
 @dataclass(frozen=True)
 class BenchmarkSpec:
     """Everything that fixes what a number on the leaderboard means.
@@ -206,10 +212,10 @@ def benchmark_from_mapping(name: str, table: Mapping[str, Any]) -> BenchmarkSpec
     """A benchmark from a TOML table. Keys: ``dataset`` (required), ``path``, ``num_classes``,
     ``image_size`` ([H, W] or one number), ``channels``, ``max_rotation``, ``max_translation``
     (pixels; one number or [dx, dy]), ``grid`` ([n_theta, n_dx, n_dy]), ``fill``, ``seed``,
-    ``worst_of_k``, ``vote_samples``, ``vote_subset``, ``landscape_subset``,
-    ``vote_protocols`` (a list of adaptive, per-query, transfer), ``first_order`` (true or
-    false), ``first_order_subset``, ``ablations`` (a list of `Ablation` names),
-    ``ablation_subset``, ``resize``, ``split``, ``title``, ``description``. A built-in name as
+    ``worst_of_k``, ``vote_samples``, ``vote_subset``, ``landscape_subset`` (default
+    `DEFAULT_LANDSCAPE_SUBSET` images unless a ``base`` gives one), ``vote_protocols`` (a list
+    of adaptive, per-query, transfer), ``first_order`` (true or false), ``first_order_subset``,
+    ``ablations`` (a list of `Ablation` names), ``ablation_subset``, ``resize``, ``split``, ``title``, ``description``. A built-in name as
     ``base`` starts from that one."""
     allowed = {
         "dataset", "path", "num_classes", "image_size", "channels", "max_rotation",
@@ -260,6 +266,9 @@ def benchmark_from_mapping(name: str, table: Mapping[str, Any]) -> BenchmarkSpec
         fields["vote_protocols"] = _names(name, "vote_protocols", table, VoteProtocol)
     if "ablations" in table:
         fields["ablations"] = _names(name, "ablations", table, Ablation)
+    if base is None and "landscape_subset" not in table:
+        # The landscape costs the whole grid for every image it covers, early exit or not.
+        fields["landscape_subset"] = DEFAULT_LANDSCAPE_SUBSET
     if dataset is DatasetKind.IMAGEFOLDER and not fields.get("path", base.path if base else None):
         raise ValueError(f"benchmark {name!r}: an imagefolder benchmark needs 'path'")
     if base is not None:

@@ -10,7 +10,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from evaluator.benchmarks import (
     load_benchmark_file,
 )
 from evaluator.errors import EvaluatorError
+
+if TYPE_CHECKING:
+    from evaluator.evaluate import EvalOptions
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -341,6 +344,7 @@ def evaluate(
             ablations=wanted_ablations,
             ablation_subset=ablation_subset,
         )
+        console.print(landscape_cost(spec, len(dataset), options))
         with Progress(
             TextColumn("{task.fields[phase]:<19}"),
             BarColumn(),
@@ -370,6 +374,24 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(out, indent=1))
         console.print(f"wrote {json_out}")
+
+
+def landscape_cost(spec: BenchmarkSpec, n_images: int, options: EvalOptions) -> str:
+    """One line on what the landscape will cost: it tries every grid point on every image it
+    covers, early exit or not."""
+    from evaluator.evaluate import Metric
+
+    if Metric.GRID not in options.metrics:
+        return "landscape: off (no grid metric)"
+    n = n_images if options.limit is None else min(options.limit, n_images)
+    subset = options.landscape_subset
+    if subset is None:
+        subset = spec.landscape_subset
+    covered = n if subset is None or not options.early_exit else min(subset, n)
+    return (
+        f"landscape: the full {spec.grid.size}-point grid on {covered:,} of {n:,} images, "
+        f"{covered * spec.grid.size:,} forward passes (--landscape-subset N changes it)"
+    )
 
 
 @app.command("benchmarks")

@@ -11,6 +11,7 @@ from evaluator.ablations import Ablation
 from evaluator.attacks import VoteProtocol
 from evaluator.benchmarks import (
     BUILTIN_BENCHMARKS,
+    DEFAULT_LANDSCAPE_SUBSET,
     DatasetKind,
     get_benchmark,
     list_benchmarks,
@@ -88,6 +89,14 @@ def test_load_benchmark_file_reads_an_imagefolder_benchmark(tmp_path: Path) -> N
     assert (spec.box.max_rotation, spec.box.max_dx, spec.box.max_dy) == (15.0, 4.0, 2.0)
     assert spec.grid.size == 63
     assert spec.num_classes == 0  # learnt from the folders by evaluator.data.resolve_benchmark
+
+
+def test_a_benchmark_without_a_base_bounds_its_landscape(tmp_path: Path) -> None:
+    text = '[benchmarks.f]\ndataset = "imagefolder"\npath = "f"\n'
+    spec = load_benchmark_file(write_toml(tmp_path, text))["f"]
+    assert spec.landscape_subset == DEFAULT_LANDSCAPE_SUBSET
+    full = load_benchmark_file(write_toml(tmp_path, text + "landscape_subset = 5000\n"))["f"]
+    assert full.landscape_subset == 5000
 
 
 def test_load_benchmark_file_starts_from_a_base(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from evaluator.benchmarks import DEFAULT_LANDSCAPE_SUBSET
 from evaluator.cli import app
 from evaluator.models import get_architecture
 
@@ -105,6 +106,29 @@ def test_evaluate_an_export_archive_on_an_imagefolder(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["benchmark"]["grid"] == [5, 3, 3] and doc["benchmark"]["max_rotation"] == 20
     assert doc["metrics"]["natural"]["total"] == 12
+    assert "landscape: the full 45-point grid on 12 of 12 images, 540 forward passes" in (
+        result.output
+    )
+
+
+def test_imagefolder_does_not_run_the_full_grid_on_every_image(tmp_path: Path) -> None:
+    folder = make_imagefolder(tmp_path / "images", per_class=60)
+    model_path = tmp_path / "tiny.pt2"
+    program = torch.export.export(
+        Tiny().eval(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, str(model_path))
+    out = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        ["evaluate", "--benchmark", "imagefolder", "--folder", str(folder), "--image-size", "16",
+         "--grid", "5x3x3", "--metrics", "grid", "--model", str(model_path), "--device", "cpu",
+         "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["landscape"]["images"] == DEFAULT_LANDSCAPE_SUBSET < doc["config"]["images"]
+    assert "on 100 of 180 images, 4,500 forward passes" in result.output
 
 
 def test_missing_dataset_says_where_the_files_go(digits_weights: Path, tmp_path: Path) -> None:
