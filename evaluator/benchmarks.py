@@ -215,8 +215,8 @@ def benchmark_from_mapping(name: str, table: Mapping[str, Any]) -> BenchmarkSpec
     ``worst_of_k``, ``vote_samples``, ``vote_subset``, ``landscape_subset`` (default
     `DEFAULT_LANDSCAPE_SUBSET` images unless a ``base`` gives one), ``vote_protocols`` (a list
     of adaptive, per-query, transfer), ``first_order`` (true or false), ``first_order_subset``,
-    ``ablations`` (a list of `Ablation` names), ``ablation_subset``, ``resize``, ``split``, ``title``, ``description``. A built-in name as
-    ``base`` starts from that one."""
+    ``ablations`` (a list of `Ablation` names), ``ablation_subset``, ``resize``, ``split``,
+    ``title``, ``description``. A built-in name as ``base`` starts from that one."""
     allowed = {
         "dataset", "path", "num_classes", "image_size", "channels", "max_rotation",
         "max_translation", "grid", "fill", "seed", "worst_of_k", "vote_samples", "vote_subset",
