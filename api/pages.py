@@ -51,7 +51,7 @@ from api.services.leaderboard import (
     default_order,
     leaderboard,
 )
-from api.services.submissions import get_submission, status_url
+from api.services.submissions import evaluation_ablations, get_submission, status_url
 from db.models import Evaluation, Submission, SubmissionStatus, TrainingMethod
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError
@@ -119,14 +119,23 @@ METRICS: tuple[MetricInfo, ...] = (
         "one of the 775 grid points: the exhaustive attack.",
     ),
     MetricInfo(
+        SortKey.FIRST_ORDER, "First-order", "first-order",
+        "Projected gradient ascent on the cross-entropy over (θ, dx, dy) through the "
+        "differentiable resampling, inside the same box. Optional: empty where not measured "
+        "or where the model cannot be differentiated. Above grid means the gradient attack "
+        "missed worst cases the grid found.",
+    ),
+    MetricInfo(
         SortKey.VOTE_NATURAL, "Vote", "vote",
         "The majority-vote defense: the model's majority label over 10 random transformations "
         "of its input. Accuracy of the defended model on untransformed images.",
     ),
     MetricInfo(
-        SortKey.GRID_VOTE, "Grid + vote", "grid + vote",
-        "The defended model under the exhaustive attack: correct at all 775 grid points, with "
-        "the vote drawn afresh at each point.",
+        SortKey.GRID_VOTE, "Grid + vote (adaptive)", "grid + vote (adaptive)",
+        "The defended model under the adaptive attacker: the vote's 10 transformations for an "
+        "image are drawn once and reused, and the attacker searches all 775 grid points "
+        "against that fixed defended classifier; an image counts if the vote is right at "
+        "every point.",
     ),
 )  # fmt: skip
 METRIC_KEYS = tuple(m.key.value for m in METRICS)
@@ -598,6 +607,76 @@ def _metric_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
                 "value": getattr(evaluation, info.key.value),
                 "correct": detail.get("correct"),
                 "total": detail.get("total"),
+                # Why there is no number (first-order on a model without gradients).
+                "error": detail.get("error"),
+                "gap": _fraction(detail.get("gap_to_grid")),
+                "protocol": detail.get("protocol"),
+            }
+        )
+    return rows
+
+
+# The vote's attacker models in display order: (result key, name); the one-sentence
+# description shown with each comes from the result, and this one when an older result has none.
+VOTE_PROTOCOLS = (
+    ("grid_vote", "adaptive",
+     "The vote's 10 transformations for an image are drawn once and reused; the attacker "
+     "searches all grid points against that fixed defended classifier."),
+    ("grid_vote_per_query", "per-query",
+     "Fresh vote draws at every grid point: an attacker who may query again until the dice "
+     "fall its way."),
+    ("grid_vote_transfer", "transfer",
+     "The attacker picks the undefended model's worst grid point (misclassified first, then "
+     "highest cross-entropy) and the vote decides there once."),
+)  # fmt: skip
+
+
+def _fraction(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _vote_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """Grid + vote under each attacker model the result has, with the images behind it and
+    the grid's accuracy on those same images."""
+    details = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
+    rows = []
+    for key, name, attacker in VOTE_PROTOCOLS:
+        detail = details.get(key)
+        # A result from before the attacker models were named has a grid_vote without a
+        # protocol (it was per-query): it is not shown as any of them.
+        if not isinstance(detail, dict) or "protocol" not in detail:
+            continue
+        rows.append(
+            {
+                "protocol": str(detail.get("protocol") or name),
+                "attacker": str(detail.get("attacker") or attacker),
+                "accuracy": _fraction(detail.get("accuracy")),
+                "correct": detail.get("correct"),
+                "images": detail.get("images", detail.get("total")),
+                "grid_same_images": _fraction(detail.get("grid_same_images")),
+            }
+        )
+    return rows
+
+
+def _ablation_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
+    rows = []
+    for name, record in evaluation_ablations(evaluation).items():
+        if not isinstance(record, dict):
+            continue
+        grid = record.get("grid") if isinstance(record.get("grid"), list) else []
+        rows.append(
+            {
+                "name": str(name),
+                "label": str(record.get("label") or name),
+                "grid": " × ".join(str(n) for n in grid),
+                "grid_points": record.get("grid_points"),
+                "fill": str(record.get("fill") or "—"),
+                "canvas": record.get("canvas") or 1,
+                "images": record.get("images"),
+                "accuracy": _fraction(record.get("accuracy")),
+                "natural": _fraction(record.get("natural")),
+                "error": record.get("error"),
             }
         )
     return rows
@@ -668,6 +747,8 @@ def _result_context(
     cost = evaluation.cost or {}
     context.update(
         metrics=_metric_rows(evaluation),
+        votes=_vote_rows(evaluation),
+        ablations=_ablation_rows(evaluation),
         has_landscape=_has_landscape(evaluation),
         has_histogram=_has_fool_counts(evaluation),
         examples=_examples(submission, evaluation),
@@ -676,9 +757,7 @@ def _result_context(
         landscape_images=(evaluation.landscape or {}).get("images"),
         grid_shape=(evaluation.landscape or {}).get("shape") or config.get("grid") or [],
         by_phase={
-            k: v
-            for k, v in (cost.get("forward_passes_by_phase") or {}).items()
-            if k != "total"
+            k: v for k, v in (cost.get("forward_passes_by_phase") or {}).items() if k != "total"
         },
     )
     return context

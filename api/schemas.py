@@ -155,7 +155,10 @@ class SubmissionCreate(BaseModel):
 
 
 class Metrics(BaseModel):
-    """The headline accuracies (fractions in [0, 1]; None when not measured)."""
+    """The headline accuracies (fractions in [0, 1]; None when not measured). ``grid_vote``
+    is the vote under the ``adaptive`` attacker; ``grid_vote_per_query`` and
+    ``grid_vote_transfer`` under the other two attacker models (their one-sentence
+    descriptions and image counts are in `EvaluationPublic.details`)."""
 
     natural: float | None = None
     random: float | None = None
@@ -163,13 +166,20 @@ class Metrics(BaseModel):
     grid: float | None = None
     vote_natural: float | None = None
     grid_vote: float | None = None
+    grid_vote_per_query: float | None = None
+    grid_vote_transfer: float | None = None
+    first_order: float | None = None
 
 
 class EvaluationPublic(_Public):
     benchmark: str
     metrics: Metrics
-    # Per metric: {"accuracy", "correct", "total"}, as the evaluator reports them.
+    # Per metric: {"accuracy", "correct", "total", "images", ...}, as the evaluator reports
+    # them (the vote's "protocol" and "attacker", first-order's "gap_to_grid" or "error").
     details: dict[str, Any]
+    # Per ablation ("rotation-only", ...): {"label", "grid", "fill", "canvas", "images",
+    # "correct", "accuracy", "natural", ...} or {..., "error"}; empty when none was run.
+    ablations: dict[str, Any] = {}
     images: int
     landscape: dict[str, Any] | None
     examples: list[Any] | None
@@ -288,6 +298,7 @@ class SortKey(StrEnum):
     GRID = "grid"
     VOTE_NATURAL = "vote_natural"
     GRID_VOTE = "grid_vote"
+    FIRST_ORDER = "first_order"
     CREATED_AT = "created_at"
     NAME = "name"
 
@@ -314,6 +325,7 @@ class LeaderboardRow(BaseModel):
     grid: float | None
     vote_natural: float | None
     grid_vote: float | None
+    first_order: float | None = None
     images: int
     created_at: UtcDatetime
     finished_at: UtcDatetime | None

@@ -41,6 +41,7 @@ _SORT_COLUMNS: dict[SortKey, Any] = {
     SortKey.GRID: Evaluation.grid,
     SortKey.VOTE_NATURAL: Evaluation.vote_natural,
     SortKey.GRID_VOTE: Evaluation.grid_vote,
+    SortKey.FIRST_ORDER: Evaluation.first_order,
     SortKey.CREATED_AT: Submission.created_at,
     SortKey.NAME: func.lower(Submission.display_name),
 }
@@ -71,6 +72,7 @@ _ROW_COLUMNS = (
     Evaluation.grid,
     Evaluation.vote_natural,
     Evaluation.grid_vote,
+    Evaluation.first_order,
     Evaluation.images,
     Submission.created_at,
     Submission.finished_at,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -55,6 +56,7 @@ __all__ = [
     "cancel_submission",
     "check_caps",
     "count_by_status",
+    "evaluation_ablations",
     "evaluation_public",
     "get_submission",
     "list_submissions",
@@ -395,6 +397,18 @@ def status_url(submission_id: str, base_url: str = "") -> str:
     return f"{base_url}/api/v1/submissions/{submission_id}"
 
 
+def _accuracy(evaluation: Evaluation, key: str) -> float | None:
+    value = (evaluation.metrics or {}).get(key)
+    return value.get("accuracy") if isinstance(value, dict) else None
+
+
+def evaluation_ablations(evaluation: Evaluation) -> dict[str, Any]:
+    """The ablation records the worker stored with the evaluation (``config`` key
+    ``ablation_results``, the result's checked ``ablations``); empty for older evaluations."""
+    records = (evaluation.config or {}).get("ablation_results")
+    return records if isinstance(records, dict) else {}
+
+
 def evaluation_public(evaluation: Evaluation) -> EvaluationPublic:
     return EvaluationPublic(
         benchmark=evaluation.benchmark,
@@ -405,8 +419,12 @@ def evaluation_public(evaluation: Evaluation) -> EvaluationPublic:
             grid=evaluation.grid,
             vote_natural=evaluation.vote_natural,
             grid_vote=evaluation.grid_vote,
+            grid_vote_per_query=_accuracy(evaluation, "grid_vote_per_query"),
+            grid_vote_transfer=_accuracy(evaluation, "grid_vote_transfer"),
+            first_order=evaluation.first_order,
         ),
         details=evaluation.metrics,
+        ablations=evaluation_ablations(evaluation),
         images=evaluation.images,
         landscape=evaluation.landscape,
         examples=evaluation.examples,

@@ -22,8 +22,7 @@ def landscape(natural: float = 0.95, sensitivity: float = 1.0, images: int = 540
         [
             [
                 round(
-                    natural
-                    * math.exp(-sensitivity * ((t / 30) ** 2 * 1.2 + (dx**2 + dy**2) / 30)),
+                    natural * math.exp(-sensitivity * ((t / 30) ** 2 * 1.2 + (dx**2 + dy**2) / 30)),
                     4,
                 )
                 for dy in SHIFTS
@@ -133,16 +132,100 @@ def evaluation_fields(
         "seed": 0,
         "versions": {"python": "3.11", "torch": "2.14.1", "spatialbench": "0.1.0"},
         "config": {
-            "grid": [31, 5, 5], "seed": 0, "images": images, "early_exit": True,
-            "worst_of_k": 10, "vote_samples": 10, "vote_subset": None,
-            "landscape_subset": images - 40, "fill": "zeros", "limit": None,
+            "grid": [31, 5, 5],
+            "seed": 0,
+            "images": images,
+            "early_exit": True,
+            "worst_of_k": 10,
+            "vote_samples": 10,
+            "vote_subset": None,
+            "landscape_subset": images - 40,
+            "fill": "zeros",
+            "limit": None,
         },  # fmt: skip
         "cost": {
             "forward_passes": 183_245,
             "full_grid_forward_passes": images * 775,
             "forward_passes_by_phase": {
-                "natural": 540, "random": 540, "worst_of_k": 5_400, "grid": 95_165,
-                "vote": 81_600, "total": 183_245,
+                "natural": 540,
+                "random": 540,
+                "worst_of_k": 5_400,
+                "grid": 95_165,
+                "vote": 81_600,
+                "total": 183_245,
             },  # fmt: skip
         },
     }
+
+
+VOTE_ATTACKERS = {
+    "adaptive": "The vote's draws for an image are fixed; the attacker searches every grid point.",
+    "per-query": "Fresh vote draws at every grid point.",
+    "transfer": "The attacker picks the undefended model's worst point; the vote decides once.",
+}
+
+
+def fidelity_fields(
+    base: dict[str, Any], *, per_query: float, transfer: float, first_order: float | None,
+    first_order_error: str | None = None, vote_images: int = 50, subset: int = 60,
+) -> dict[str, Any]:  # fmt: skip
+    """``base`` (from `evaluation_fields`) with what the evaluator now also records: grid +
+    vote under its three attacker models on ``vote_images`` images, first-order (or the
+    reason it could not run) and the ablations on ``subset`` images, as the worker stores
+    them (the ablations under ``config["ablation_results"]``)."""
+    fields = {**base, "metrics": dict(base["metrics"]), "config": dict(base["config"])}
+    grid = base["grid"]
+    for key, protocol, value in (
+        ("grid_vote", "adaptive", base["grid_vote"]),
+        ("grid_vote_per_query", "per-query", per_query),
+        ("grid_vote_transfer", "transfer", transfer),
+    ):
+        correct = round(value * vote_images)
+        fields["metrics"][key] = {
+            "accuracy": correct / vote_images, "correct": correct, "total": vote_images,
+            "images": vote_images, "protocol": protocol, "attacker": VOTE_ATTACKERS[protocol],
+            "grid_same_images": grid,
+        }  # fmt: skip
+    fields["grid_vote"] = fields["metrics"]["grid_vote"]["accuracy"]
+    if first_order_error is not None:
+        fields["metrics"]["first_order"] = {
+            "accuracy": None, "correct": 0, "total": 0, "images": 0, "error": first_order_error
+        }  # fmt: skip
+        fields["first_order"] = None
+    elif first_order is not None:
+        correct = round(first_order * subset)
+        fields["metrics"]["first_order"] = {
+            "accuracy": correct / subset, "correct": correct, "total": subset, "images": subset,
+            "grid_same_images": grid, "gap_to_grid": correct / subset - grid,
+        }  # fmt: skip
+        fields["first_order"] = correct / subset
+    fields["config"].update(
+        vote_subset=vote_images,
+        vote_protocols=list(VOTE_ATTACKERS),
+        images_per_metric={k: v["total"] for k, v in fields["metrics"].items()},
+        ablations=["rotation-only", "translation-only", "black-canvas"],
+        ablation_subset=subset,
+        ablation_results={
+            "rotation-only": _ablation("rotation only (31 x 1 x 1)", [31, 1, 1], "zeros", 1,
+                                       subset, grid + 0.1),
+            "translation-only": _ablation("translation only (1 x 5 x 5)", [1, 5, 5], "zeros", 1,
+                                          subset, grid + 0.2),
+            "black-canvas": _ablation("black canvas (2x side, zero fill)", [31, 5, 5], "zeros",
+                                      2, subset, grid - 0.02),
+        },
+    )  # fmt: skip
+    return fields
+
+
+def _ablation(
+    label: str, grid: list[int], fill: str, canvas: int, images: int, accuracy: float
+) -> dict[str, Any]:
+    correct = round(min(1.0, max(0.0, accuracy)) * images)
+    return {
+        "label": label, "grid": grid, "grid_points": grid[0] * grid[1] * grid[2],
+        "max_rotation": 30.0 if grid[0] > 1 else 0.0,
+        "max_translation": [3.0, 3.0] if grid[1] > 1 else [0.0, 0.0], "fill": fill,
+        "canvas": canvas, "images": images, "correct": correct, "accuracy": correct / images,
+        "natural": 0.95, "forward_passes": images * grid[0] * grid[1] * grid[2],
+        "reused_grid": False,
+    }  # fmt: skip

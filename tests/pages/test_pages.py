@@ -16,6 +16,7 @@ from db.models import SubmissionStatus, TrainingMethod
 from tests.api.conftest import Account
 from tests.api.factories import create_finished
 from tests.fixtures_db import TestDatabase
+from tests.pages import seed
 from tests.pages.conftest import XSS_NAME, Board, submission
 
 HTML = {"Accept": "text/html"}
@@ -73,7 +74,8 @@ def test_home_explains_the_threat_model_metrics_and_the_papers_numbers(
 ):
     page = get_html(client, "/")
     assert "30°" in page and "775" in page and "10% of its size" in page
-    for label in ("Natural", "Random", "Worst-of-10", "Grid", "Vote", "Grid + vote"):
+    for label in ("Natural", "Random", "Worst-of-10", "Grid", "First-order", "Vote",
+                  "Grid + vote (adaptive)"):  # fmt: skip
         assert f"<dt>{html.escape(label)}" in page
     assert "reported in the paper" in page
     assert "71%" in page and "82%" in page and "31%" in page
@@ -111,7 +113,8 @@ def test_leaderboard_columns(client: TestClient, board: Board):
     page = get_html(client, "/leaderboard/digits")
     head = table(page).split("<tbody>")[0]
     labels = ("Rank", "Model", "Architecture", "Training", "Extra data", "Natural", "Random",
-              "Worst-of-10", "Grid", "Vote", "Grid + vote", "Date", "Paper")  # fmt: skip
+              "Worst-of-10", "Grid", "First-order", "Vote", "Grid + vote (adaptive)", "Date",
+              "Paper")  # fmt: skip
     for label in labels:
         assert html.escape(label) in head, label
     row = table(page).split("<tbody>")[1].split("</tr>")[2]  # the standard CNN
@@ -125,7 +128,7 @@ def test_leaderboard_columns(client: TestClient, board: Board):
     [
         ("Natural", ["augmented", "standard", "robust", "xss"]),
         ("Random", ["robust", "augmented", "standard", "xss"]),
-        ("Grid + vote", ["robust", "augmented", "standard", "xss"]),
+        ("Grid + vote (adaptive)", ["robust", "augmented", "standard", "xss"]),
         # Names A to Z, case-insensitive; "<" sorts before letters.
         ("Model", ["xss", "augmented", "standard", "robust"]),
     ],
@@ -290,6 +293,112 @@ def test_finished_submission_page(client: TestClient, board: Board):
         assert fact in record, fact
     assert f"curl -s http://testserver/api/v1/submissions/{board.standard}" in page
     assert "progress.js" not in page and "http-equiv" not in page
+
+
+def _fidelity(test_db: TestDatabase, owner: Account, name: str, **fields: object) -> str:
+    base = seed.evaluation_fields(0.93, 0.90, 0.83, 0.71, 0.93, 0.80, sensitivity=0.3)
+    evaluation = seed.fidelity_fields(base, **fields)  # type: ignore[arg-type]
+    created = create_finished(test_db.session, owner.user, display_name=name,
+                              evaluation=evaluation)  # fmt: skip
+    test_db.session.commit()
+    return created.id
+
+
+def test_grid_vote_column_names_its_attacker(client: TestClient, board: Board):
+    head = table(get_html(client, "/leaderboard/digits")).split("<tbody>")[0]
+    header = re.search(r'data-sort="grid_vote">(.*?)</a>', head, re.S)
+    assert header and header.group(1).startswith("Grid + vote (adaptive)")
+    tooltip = re.search(r'title="([^"]*)" data-sort="grid_vote"', head)
+    assert tooltip and "drawn once and reused" in html.unescape(tooltip.group(1))
+
+
+def test_first_order_column_sorts_and_is_empty_where_not_measured(
+    client: TestClient, board: Board, test_db: TestDatabase, alice: Account
+):
+    low = _fidelity(test_db, alice, "FO low", per_query=0.1, transfer=0.9, first_order=0.75)
+    high = _fidelity(test_db, alice, "FO high", per_query=0.1, transfer=0.9, first_order=0.9)
+    broken = _fidelity(test_db, alice, "FO none", per_query=0.1, transfer=0.9,
+                       first_order=None, first_order_error="no gradient")  # fmt: skip
+    page = get_html(client, header_link(get_html(client, "/leaderboard/digits"), "First-order"))
+    assert aria_sorted(page) == [("descending", "First-order")]
+    ranked = ranked_ids(page)
+    assert ranked[:2] == [high, low]
+    assert ranked.index(broken) > 1  # missing values sort last
+    body = table(page).split("<tbody>")[1]
+    row = next(r for r in body.split("</tr>") if broken in r)
+    assert row.count('title="not measured"') == 1  # first-order only: every other is measured
+    data = client.get("/api/v1/leaderboard/digits?sort=first_order").json()
+    assert [r["first_order"] for r in data["rows"][:2]] == [0.9, 0.75]
+    csv_head = client.get("/api/v1/leaderboard/digits?format=csv").text.splitlines()[0]
+    assert "first_order" in csv_head.split(",")
+
+
+def test_model_page_shows_the_three_attackers_first_order_and_ablations(
+    client: TestClient, board: Board, test_db: TestDatabase, alice: Account
+):
+    sid = _fidelity(test_db, alice, "Full record", per_query=0.12, transfer=0.86,
+                    first_order=0.75)  # fmt: skip
+    page = get_html(client, f"/submissions/{sid}")
+    votes = page[
+        page.index('id="votes-heading"') : page.index("</table>", page.index('id="votes-heading"'))
+    ]
+    for protocol, value, attacker in (("adaptive", "80.0%", "searches every grid point"),
+                                      ("per-query", "12.0%", "Fresh vote draws"),
+                                      ("transfer", "86.0%", "decides once")):  # fmt: skip
+        row = votes[votes.index(f'id="vote-{protocol}"') :].split("</tr>")[0]
+        assert value in row and attacker in row, protocol
+        assert '<td class="num">50</td>' in row  # the vote's own images, not the run's 540
+    cards = page[page.index('id="results-heading"') : page.index('id="votes-heading"')]
+    assert "45 / 60 images" in cards  # first-order on its own subset
+    assert "+4.0 points against grid on the same images" in cards
+    assert "40 / 50 images" in cards and "Grid + vote (adaptive)" in cards
+    ablations = page[page.index('id="ablations-heading"') :].split("</table>")[0]
+    for label, grid in (("rotation only (31 x 1 x 1)", "31 × 1 × 1"),
+                        ("translation only (1 x 5 x 5)", "1 × 5 × 5"),
+                        ("black canvas (2x side, zero fill)", "31 × 5 × 5")):  # fmt: skip
+        row = ablations[ablations.index(label) :].split("</tr>")[0]
+        assert grid in row and '<td class="num">60</td>' in row, label
+    assert "black canvas 2× the side" in ablations
+    record = page[page.index('id="repro-heading"') :]
+    assert "grid_vote_per_query 50" in record and "first_order 60" in record
+
+
+def test_model_page_says_why_first_order_has_no_number(
+    client: TestClient, board: Board, test_db: TestDatabase, alice: Account
+):
+    sid = _fidelity(test_db, alice, "No gradient", per_query=0.1, transfer=0.9,
+                    first_order=None, first_order_error="the model has no gradient")  # fmt: skip
+    page = get_html(client, f"/submissions/{sid}")
+    assert "not differentiable: the model has no gradient" in page
+    assert "points against grid" not in page
+
+
+def test_old_style_result_renders_without_the_new_sections(client: TestClient, board: Board):
+    page = get_html(client, f"/submissions/{board.robust}")
+    assert "Grid + vote (adaptive)" in page and "80.0%" in page
+    assert 'id="votes-heading"' not in page and 'id="ablations-heading"' not in page
+    assert "attacker model not recorded" in page
+
+
+def test_api_exposes_the_attackers_first_order_and_ablations(
+    client: TestClient, board: Board, test_db: TestDatabase, alice: Account
+):
+    sid = _fidelity(test_db, alice, "API record", per_query=0.12, transfer=0.86,
+                    first_order=0.75)  # fmt: skip
+    response = client.get(f"/api/v1/submissions/{sid}")
+    assert response.status_code == 200, response.text
+    evaluation = response.json()["evaluation"]
+    assert evaluation["metrics"] == {
+        "natural": 0.93, "random": 0.9, "worst_of_k": 0.83, "grid": 0.71, "vote_natural": 0.93,
+        "grid_vote": 0.8, "grid_vote_per_query": 0.12, "grid_vote_transfer": 0.86,
+        "first_order": 0.75,
+    }  # fmt: skip
+    assert evaluation["details"]["grid_vote"]["protocol"] == "adaptive"
+    assert evaluation["details"]["grid_vote"]["images"] == 50
+    assert set(evaluation["ablations"]) == {"rotation-only", "translation-only", "black-canvas"}
+    assert evaluation["ablations"]["rotation-only"]["grid"] == [31, 1, 1]
+    old = client.get(f"/api/v1/submissions/{board.robust}").json()["evaluation"]
+    assert old["ablations"] == {} and old["metrics"]["first_order"] is None
 
 
 def test_finished_submission_without_landscape_has_no_plots(client: TestClient, board: Board):
