@@ -10,13 +10,14 @@ result instead of evaluating again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from db.lifecycle import JobConfig
-from storage import Storage, StorageError, validate_key
+from storage import LocalStorage, Storage, StorageError, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ def forget_stored(storage: Storage, submission_id: str) -> None:
     try:
         for key in storage.list(results_prefix(submission_id)):
             storage.delete(key)
+        if isinstance(storage, LocalStorage):
+            # A folder is not an object, so deleting the keys leaves it: remove it too, or
+            # every submission ever evaluated would leave an empty one behind.
+            with contextlib.suppress(OSError):
+                storage.path(results_prefix(submission_id)).rmdir()
     except StorageError:
         # A leftover is harmless: it is only read for a claim with the same configuration.
         log.warning("could not remove the stored results of %s", submission_id, exc_info=True)

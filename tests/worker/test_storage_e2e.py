@@ -185,3 +185,4 @@ def test_the_local_backend_keeps_the_layout_on_disk(
     assert len(expected) > 1
     assert set(_files(settings.storage_dir)) == expected
     assert _files(settings.state_dir / "incoming") == []
+    assert not (settings.storage_dir / "results" / submission_id).exists()
