@@ -105,6 +105,7 @@ def test_leaderboard_states_the_protocol_above_the_table(client: TestClient, boa
     assert "±30°" in section and "±3 px" in section
     assert "<dt>Seed</dt><dd>0</dd>" in section
     assert "majority of 10 uniform draws" in section
+    assert "against the <strong>adaptive</strong> attacker" in section
     cifar = get_html(client, "/leaderboard/cifar10")
     assert "first 1,000 images" in cifar  # the vote subset is stated
 
