@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from storage.base import CHUNK_BYTES
 from storage.errors import ObjectNotFoundError, StorageError
@@ -47,6 +48,7 @@ class LocalStorage:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, target)
+            _sync_dir(target.parent)
         except OSError as exc:
             staged.unlink(missing_ok=True)
             raise StorageError(f"could not store {target.relative_to(self.root)}: {exc}") from exc
@@ -58,6 +60,7 @@ class LocalStorage:
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
+                _sync_dir(target.parent)
                 return
             except OSError:
                 pass  # another file system: copy through the staging folder, then remove
@@ -65,6 +68,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as out, source.open("rb") as src:
                 shutil.copyfileobj(src, out, CHUNK_BYTES)
+                _sync_file(out)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
@@ -78,6 +82,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
+                _sync_file(out)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
@@ -136,3 +141,18 @@ class LocalStorage:
             rel = Path(directory).relative_to(self.root)
             keys.extend((rel / f).as_posix() for f in files if not f.startswith("."))
         return sorted(keys)
+
+
+# A stored object must survive a power cut once put returns: a finished result is recorded in
+# the database only after it is stored, and a model only after its upload is.
+def _sync_file(out: BinaryIO) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
