@@ -664,7 +664,8 @@ def _ablation_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     for name, record in evaluation_ablations(evaluation).items():
         if not isinstance(record, dict):
             continue
-        grid = record.get("grid") if isinstance(record.get("grid"), list) else []
+        grid = record.get("grid")
+        grid = grid if isinstance(grid, list) else []
         rows.append(
             {
                 "name": str(name),

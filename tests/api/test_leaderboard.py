@@ -175,3 +175,23 @@ def test_the_html_leaderboard_survives_a_huge_page_number(
     # These are links people edit and share: read leniently (clamped), never a 500.
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/html")
+
+
+def test_first_order_sorts_with_missing_values_last_in_json_and_csv(
+    client: TestClient, test_db: TestDatabase, alice: Account
+) -> None:
+    s = test_db.session
+    low = create_finished(s, alice.user, evaluation={"grid": 0.5, "first_order": 0.6}).id
+    high = create_finished(s, alice.user, evaluation={"grid": 0.4, "first_order": 0.8}).id
+    missing = create_finished(s, alice.user, evaluation={"grid": 0.9, "first_order": None}).id
+    s.commit()
+    body = client.get("/api/v1/leaderboard/digits?sort=first_order").json()
+    assert body["sort"] == "first_order" and body["order"] == "desc"
+    assert [r["submission_id"] for r in body["rows"]] == [high, low, missing]
+    assert [r["first_order"] for r in body["rows"]] == [0.8, 0.6, None]
+    worst = client.get("/api/v1/leaderboard/digits?sort=first_order&order=asc").json()
+    assert [r["submission_id"] for r in worst["rows"]] == [low, high, missing]
+    rows = list(csv.DictReader(io.StringIO(
+        client.get("/api/v1/leaderboard/digits?sort=first_order&format=csv").text
+    )))  # fmt: skip
+    assert [r["first_order"] for r in rows] == ["0.8", "0.6", ""]
