@@ -42,6 +42,7 @@ from api import plots
 from api.deps import SessionDep, SettingsDep, StorageDep, base_url
 from api.errors import DatabaseUnavailable, NotFound
 from api.schemas import LeaderboardPage, SortKey, SortOrder, as_utc
+from api.services.ablations import evaluation_ablations
 from api.services.benchmarks import benchmark_public, get_benchmark, list_benchmarks
 from api.services.leaderboard import (
     MAX_PER_PAGE,
@@ -51,7 +52,7 @@ from api.services.leaderboard import (
     default_order,
     leaderboard,
 )
-from api.services.submissions import evaluation_ablations, get_submission, status_url
+from api.services.submissions import get_submission, status_url
 from db.models import Evaluation, Submission, SubmissionStatus, TrainingMethod
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError

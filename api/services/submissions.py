@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -24,6 +23,7 @@ from api.schemas import (
     SubmissionPublic,
     as_utc,
 )
+from api.services.ablations import evaluation_ablations
 from api.services.benchmarks import get_benchmark
 from api.services.uploads import (
     StagedUpload,
@@ -56,7 +56,6 @@ __all__ = [
     "cancel_submission",
     "check_caps",
     "count_by_status",
-    "evaluation_ablations",
     "evaluation_public",
     "get_submission",
     "list_submissions",
@@ -400,13 +399,6 @@ def status_url(submission_id: str, base_url: str = "") -> str:
 def _accuracy(evaluation: Evaluation, key: str) -> float | None:
     value = (evaluation.metrics or {}).get(key)
     return value.get("accuracy") if isinstance(value, dict) else None
-
-
-def evaluation_ablations(evaluation: Evaluation) -> dict[str, Any]:
-    """The ablation records the worker stored with the evaluation (``config`` key
-    ``ablation_results``, the result's checked ``ablations``); empty for older evaluations."""
-    records = (evaluation.config or {}).get("ablation_results")
-    return records if isinstance(records, dict) else {}
 
 
 def evaluation_public(evaluation: Evaluation) -> EvaluationPublic:

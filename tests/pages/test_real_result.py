@@ -1,0 +1,79 @@
+"""A real evaluation of a small CNN, through the worker's bounds check and its
+`evaluation_from_result`, stored and shown: the model page and the API show the three vote
+attackers, first-order and the ablations exactly as the evaluator measured them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from db.models import SubmissionStatus, utcnow
+from evaluator.attacks import Classifier
+from evaluator.benchmarks import get_benchmark
+from evaluator.data import load_dataset, resolve_benchmark
+from evaluator.evaluate import EvalOptions, evaluate
+from evaluator.models.loading import load_model
+from tests.api.conftest import Account
+from tests.api.factories import create_submission
+from tests.fixtures_db import TestDatabase
+from tests.worker.helpers import small_cnn_file
+from worker.result_bounds import check_result
+from worker.runner import evaluation_from_result
+
+HTML = {"Accept": "text/html"}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    model = small_cnn_file(tmp_path_factory.mktemp("m") / "m.safetensors")
+    torch.set_num_threads(1)
+    spec = resolve_benchmark(get_benchmark("digits"), load_dataset(get_benchmark("digits")))
+    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
+    dataset = load_dataset(spec)
+    # The digits defaults: every vote attacker, first-order and the ablations.
+    return evaluate(classifier, dataset, spec, EvalOptions(limit=4)).to_dict()
+
+
+@pytest.fixture(name="stored")
+def stored_fixture(test_db: TestDatabase, alice: Account, measured: dict[str, Any]) -> str:
+    s = test_db.session
+    submission = create_submission(
+        s, alice.user, display_name="Measured CNN", status=SubmissionStatus.FINISHED,
+        progress=1.0, finished_at=utcnow(),
+    )  # fmt: skip
+    s.add(evaluation_from_result(submission, check_result(measured, "digits"), []))
+    s.commit()
+    return submission.id
+
+
+def test_the_model_page_shows_what_was_measured(
+    client: TestClient, stored: str, measured: dict[str, Any]
+) -> None:
+    page = client.get(f"/submissions/{stored}", headers=HTML).text
+    for protocol in ("adaptive", "per-query", "transfer"):
+        assert f'id="vote-{protocol}"' in page, protocol
+    for name, record in measured["ablations"].items():
+        assert f'id="ablation-{name}"' in page, name
+        assert record["label"] in page
+    first_order = measured["metrics"]["first_order"]
+    if first_order.get("error"):
+        assert f"not differentiable: {first_order['error']}" in page
+    else:
+        assert f"{first_order['correct']} / {first_order['total']} images" in page
+
+
+def test_the_api_gives_the_ablations_as_measured(
+    client: TestClient, stored: str, measured: dict[str, Any]
+) -> None:
+    evaluation = client.get(f"/api/v1/submissions/{stored}").json()["evaluation"]
+    assert set(evaluation["ablations"]) == set(measured["ablations"])
+    for name, record in measured["ablations"].items():
+        shown = evaluation["ablations"][name]
+        for key in ("label", "grid", "fill", "canvas", "images", "correct", "accuracy", "natural"):
+            assert shown[key] == record[key], (name, key)
+    metrics = evaluation["metrics"]
+    for key in ("grid_vote", "grid_vote_per_query", "grid_vote_transfer", "first_order"):
+        assert metrics[key] == measured["metrics"][key]["accuracy"], key
