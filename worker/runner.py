@@ -450,7 +450,11 @@ def evaluation_from_result(
             precision=str(cost["precision"])[:16],
             seed=int(cost["seed"]),
             versions=dict(cost.get("versions") or {}),
-            config={**config, "benchmark": result.get("benchmark")},
+            config={
+                **config,
+                "benchmark": result.get("benchmark"),
+                "ablation_results": result.get("ablations"),
+            },
             cost={**cost, "forward_passes_by_phase": result.get("forward_passes")},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -74,6 +74,8 @@ def test_the_api_gives_the_ablations_as_measured(
         shown = evaluation["ablations"][name]
         for key in ("label", "grid", "fill", "canvas", "images", "correct", "accuracy", "natural"):
             assert shown[key] == record[key], (name, key)
+        # The whole checked record is stored, not only what the per-image columns give back.
+        assert shown["forward_passes"] == record["forward_passes"], name
     metrics = evaluation["metrics"]
     for key in ("grid_vote", "grid_vote_per_query", "grid_vote_transfer", "first_order"):
         assert metrics[key] == measured["metrics"][key]["accuracy"], key
