@@ -21,7 +21,7 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check evaluator || true
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 bench: venv

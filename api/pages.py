@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import re
 from collections.abc import Mapping
@@ -292,7 +293,8 @@ def install_pages(app: FastAPI) -> None:
             return not_found_page(request, "There is no page at this address.")
         if json_http_error is None:
             raise exc
-        return await json_http_error(request, exc)  # type: ignore[no-any-return]
+        response = json_http_error(request, exc)
+        return await response if inspect.isawaitable(response) else response
 
     app.add_exception_handler(PageNotFound, page_not_found)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -302,7 +304,8 @@ def install_pages(app: FastAPI) -> None:
     page_endpoints = {route.endpoint for route in router.routes}  # type: ignore[attr-defined]
 
     async def database_error(request: Request, exc: Exception) -> Response:
-        response: Response = await json_database_error(request, exc)
+        answer = json_database_error(request, exc)
+        response = await answer if inspect.isawaitable(answer) else answer
         if response.status_code == 503 and request.scope.get("endpoint") in page_endpoints:
             return unavailable_page(request)
         return response
@@ -491,7 +494,7 @@ def leaderboard_page(
     headers = {**HTML_HEADERS, "ETag": cache.etag(key), "Cache-Control": "no-cache"}
     if request.headers.get("if-none-match") == headers["ETag"]:
         return Response(status_code=304, headers=headers)
-    body = cache.get(key, lambda: _render_leaderboard(request, session, spec, query).body)
+    body = cache.get(key, lambda: bytes(_render_leaderboard(request, session, spec, query).body))
     return HTMLResponse(body, headers=headers)
 
 
@@ -571,7 +574,8 @@ def _examples(submission: Submission, evaluation: Evaluation) -> list[dict[str, 
         transformed = _example_url(submission, example.get("transformed"))
         if original is None or transformed is None:
             continue
-        point = example.get("point") if isinstance(example.get("point"), dict) else {}
+        given = example.get("point")
+        point: dict[str, Any] = given if isinstance(given, dict) else {}
 
         def label(value: Any, name: Any = None) -> str:
             return name if isinstance(name, str) and name else str(value)

@@ -10,7 +10,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -165,7 +165,7 @@ def parse_names(text: str | None, kind: type[E], option: str) -> frozenset[E] | 
         raise typer.BadParameter(f"give some of {known}, or none", param_hint=option) from None
 
 
-def _metric_row(value: dict) -> tuple[str, str]:
+def _metric_row(value: dict[str, Any]) -> tuple[str, str]:
     if value.get("error"):
         return "not measured", value["error"]
     acc = value["accuracy"]
@@ -177,7 +177,7 @@ def _metric_row(value: dict) -> tuple[str, str]:
     return text, f"{value['correct']} / {value['total']}"
 
 
-def results_table(result_dict: dict) -> Table:
+def results_table(result_dict: dict[str, Any]) -> Table:
     table = Table(title=f"SpatialBench: {result_dict['benchmark']['name']}")
     table.add_column("metric")
     table.add_column("accuracy", justify="right")

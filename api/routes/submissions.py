@@ -82,15 +82,20 @@ def _upload_schema() -> dict[str, Any]:
     summary="Submit a model",
     openapi_extra=_upload_schema(),
     responses={
-        200: {"description": "The same file was already submitted to this benchmark.",
-              "model": SubmissionAccepted},
+        200: {
+            "description": "The same file was already submitted to this benchmark.",
+            "model": SubmissionAccepted,
+        },
         401: _error("No, unknown or revoked token", "unauthorized", "Unknown API token."),
         409: _error("The same file sent twice at the same moment", "conflict", "..."),
         413: _error("Over the size limit", "upload_too_large", "The upload is larger..."),
-        422: _error("Refused metadata or model file", "unsupported_model_format",
-                    "This is a pickled PyTorch checkpoint ..."),
+        422: _error(
+            "Refused metadata or model file",
+            "unsupported_model_format",
+            "This is a pickled PyTorch checkpoint ...",
+        ),
         429: _error("A per-user cap", "rate_limited", "You have 3 submissions queued..."),
-    },  # fmt: skip
+    },
 )
 async def create_submission(
     request: Request,

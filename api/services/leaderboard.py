@@ -13,7 +13,7 @@ import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, TypeVarTuple
 
 from sqlalchemy import ColumnElement, Select, case, func, or_, select
 from sqlalchemy.orm import Session
@@ -112,7 +112,10 @@ def _filters(
     return where
 
 
-def _joined(query: Select[Any], where: list[ColumnElement[bool]]) -> Select[Any]:
+Columns = TypeVarTuple("Columns")
+
+
+def _joined(query: Select[*Columns], where: list[ColumnElement[bool]]) -> Select[*Columns]:
     return (
         query.select_from(Submission)
         .join(Evaluation, Evaluation.submission_id == Submission.id)

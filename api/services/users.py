@@ -100,9 +100,7 @@ def revoke_token(session: Session, token_or_prefix: str) -> ApiToken:
         matches = [exact]
     elif len(value) <= PREFIX_LENGTH:
         matches = list(
-            session.scalars(
-                query.where(ApiToken.prefix.startswith(value, autoescape=True))
-            )
+            session.scalars(query.where(ApiToken.prefix.startswith(value, autoescape=True)))
         )
     else:
         matches = []  # longer than a prefix, and not a token we know
@@ -125,9 +123,9 @@ def authenticate(session: Session, token: str, now: datetime | None = None) -> U
     Records the time of use (at most once a minute per token).
     """
     row = session.scalar(
-        select(ApiToken).options(joinedload(ApiToken.user)).where(
-            ApiToken.token_hash == hash_token(token)
-        )
+        select(ApiToken)
+        .options(joinedload(ApiToken.user))
+        .where(ApiToken.token_hash == hash_token(token))
     )
     if row is None:
         raise Unauthorized(

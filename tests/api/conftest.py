@@ -165,9 +165,7 @@ def make_client(
 
 
 @pytest.fixture
-def client(
-    settings: Settings, test_db: TestDatabase, enqueued: Enqueued
-) -> Iterator[TestClient]:
+def client(settings: Settings, test_db: TestDatabase, enqueued: Enqueued) -> Iterator[TestClient]:
     _, test_client = make_client(settings, test_db, enqueued)
     with test_client:
         yield test_client

@@ -73,9 +73,7 @@ def attach_examples(test_db: TestDatabase, settings: Settings, submission_id: st
     assert settings.storage_dir is not None
     examples = seed.write_examples(settings.storage_dir, submission_id)
     session = test_db.session
-    evaluation = session.scalar(
-        select(Evaluation).where(Evaluation.submission_id == submission_id)
-    )
+    evaluation = session.scalar(select(Evaluation).where(Evaluation.submission_id == submission_id))
     assert evaluation is not None
     evaluation.examples = examples
     session.commit()
@@ -86,44 +84,76 @@ def board_fixture(test_db: TestDatabase, settings: Settings, alice: Account, bob
     s = test_db.session
     now = utcnow()
     standard = create_finished(
-        s, alice.user, display_name="Standard CNN", is_baseline=True,
-        paper_url="https://arxiv.org/abs/1712.02779", created_at=now - timedelta(days=3),
+        s,
+        alice.user,
+        display_name="Standard CNN",
+        is_baseline=True,
+        paper_url="https://arxiv.org/abs/1712.02779",
+        created_at=now - timedelta(days=3),
         evaluation=seed.evaluation_fields(0.95, 0.62, 0.21, 0.04, 0.94, 0.09, sensitivity=1.6),
     )
     robust = create_finished(
-        s, bob.user, display_name="Worst-of-10 CNN", is_baseline=True,
-        training_method=TrainingMethod.WORST_OF_K, architecture="small_cnn",
-        created_at=now - timedelta(days=2), description="robust optimisation",
+        s,
+        bob.user,
+        display_name="Worst-of-10 CNN",
+        is_baseline=True,
+        training_method=TrainingMethod.WORST_OF_K,
+        architecture="small_cnn",
+        created_at=now - timedelta(days=2),
+        description="robust optimisation",
         evaluation=seed.evaluation_fields(0.93, 0.90, 0.83, 0.71, 0.93, 0.80, sensitivity=0.3),
     )
     augmented = create_finished(
-        s, bob.user, display_name="Augmented CNN", training_method=TrainingMethod.AUGMENTATION,
+        s,
+        bob.user,
+        display_name="Augmented CNN",
+        training_method=TrainingMethod.AUGMENTATION,
         created_at=now - timedelta(days=1),
         evaluation=seed.evaluation_fields(0.96, 0.88, 0.70, 0.52, 0.95, 0.66, sensitivity=0.6),
     )
     xss = create_finished(
-        s, alice.user, display_name=XSS_NAME, description=f"about {XSS_NAME}",
-        training_method=TrainingMethod.OTHER, created_at=now,
+        s,
+        alice.user,
+        display_name=XSS_NAME,
+        description=f"about {XSS_NAME}",
+        training_method=TrainingMethod.OTHER,
+        created_at=now,
         evaluation={"natural": 0.5, "grid": None, "grid_vote": None},
     )
     private = create_finished(
-        s, alice.user, display_name="Secret model", is_public=False,
+        s,
+        alice.user,
+        display_name="Secret model",
+        is_public=False,
         evaluation=seed.evaluation_fields(0.99, 0.99, 0.99, 0.99, 0.99, 0.99),
     )
     flagged = create_finished(
-        s, alice.user, display_name="Flagged model", is_flagged=True,
+        s,
+        alice.user,
+        display_name="Flagged model",
+        is_flagged=True,
         evaluation={"natural": 0.99, "grid": 0.99},
     )
     queued = create_submission(s, alice.user, display_name="Queued model")
     running = create_submission(
-        s, alice.user, display_name="Running model", status=SubmissionStatus.RUNNING,
-        phase="grid", progress=0.42, forward_passes=123_456, eta_seconds=300.0,
+        s,
+        alice.user,
+        display_name="Running model",
+        status=SubmissionStatus.RUNNING,
+        phase="grid",
+        progress=0.42,
+        forward_passes=123_456,
+        eta_seconds=300.0,
         started_at=now,
     )
     failed = create_submission(
-        s, alice.user, display_name="Failed model", status=SubmissionStatus.FAILED,
+        s,
+        alice.user,
+        display_name="Failed model",
+        status=SubmissionStatus.FAILED,
         message=f"The model returned 5 classes, the benchmark has 10. {XSS_NAME}",
-        finished_at=now, attempts=1,
+        finished_at=now,
+        attempts=1,
     )
     cancelled = create_submission(
         s, alice.user, display_name="Cancelled model", status=SubmissionStatus.CANCELLED,
