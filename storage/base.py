@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -66,3 +68,23 @@ class Storage(Protocol):
         """Sorted keys under the folder ``prefix`` (by whole segments: ``a/b`` lists ``a/b/c``
         but not ``a/bc``); ``""`` lists everything."""
         ...
+
+
+def write_atomically(target: Path, chunks: Iterable[bytes], expected: int | None = None) -> Path:
+    """Write ``chunks`` to ``target`` through a hidden file beside it, renamed into place only
+    once complete (``expected`` bytes, when given), so a reader never sees a partial file."""
+    target = Path(target)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        written = 0
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+                written += len(chunk)
+        if expected is not None and written != expected:
+            raise OSError(f"the copy stopped at {written} of {expected} bytes")
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return target

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.base import CHUNK_BYTES
+from storage.base import CHUNK_BYTES, write_atomically
 from storage.errors import ObjectNotFoundError, StorageError
 from storage.keys import validate_key, validate_prefix
 
@@ -108,17 +108,7 @@ class LocalStorage:
         return chunks()
 
     def fetch(self, key: str, target: Path) -> Path:
-        source = self._existing(key)
-        target = Path(target)
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                shutil.copyfileobj(src, out, CHUNK_BYTES)
-            os.replace(name, target)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
-        return target
+        return write_atomically(target, self.stream(key))
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()

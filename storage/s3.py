@@ -7,9 +7,7 @@ downloads come down as a stream of chunks, and nothing is held whole in memory.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ import obstore
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
-from storage.base import CHUNK_BYTES
+from storage.base import CHUNK_BYTES, write_atomically
 from storage.errors import (
     InvalidKeyError,
     ObjectNotFoundError,
@@ -135,22 +133,12 @@ class S3Storage:
         target = Path(target)
         result = self._call(key, obstore.get)
         expected = int(result.meta["size"])
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
-            written = 0
-            with os.fdopen(fd, "wb") as out:
-                for chunk in result.stream(min_chunk_size=CHUNK_BYTES):
-                    out.write(chunk)
-                    written += len(chunk)
-            if written != expected:
-                raise StorageError(
-                    f"{self.url}: {key!r}: the download stopped at {written} of {expected} bytes"
-                )
-            os.replace(name, target)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
-        return target
+            return write_atomically(
+                target, result.stream(min_chunk_size=CHUNK_BYTES), expected=expected
+            )
+        except OSError as exc:
+            raise StorageError(f"{self.url}: {key!r}: {exc}") from exc
 
     def exists(self, key: str) -> bool:
         try:
