@@ -100,7 +100,6 @@ def settings(tmp_path: Path, benchmarks_file: Path, database_url: str) -> Settin
         sandbox_threads=1,
         sandbox_deadline_s=120,
         progress_interval_s=0.5,
-        heartbeat_interval_s=0.5,
         heartbeat_timeout_s=30,
         reaper_interval_s=1,
         batch_size=256,
