@@ -54,9 +54,10 @@ from api.services.leaderboard import (
     leaderboard,
 )
 from api.services.submissions import get_submission, status_url
-from db.models import Evaluation, Submission, SubmissionStatus, TrainingMethod
+from db.models import Evaluation, Submission, SubmissionStatus
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError
+from evaluator.train import TrainingMethod
 from spatialbench.settings import Settings
 from storage import ObjectNotFoundError, example_key
 

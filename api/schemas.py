@@ -18,7 +18,9 @@ from pydantic import (
     model_validator,
 )
 
-from db.models import ModelFormatName, SubmissionStatus, TrainingMethod
+from db.models import SubmissionStatus
+from evaluator.models.loading import ModelFormat
+from evaluator.train import TrainingMethod
 
 __all__ = [
     "ArchitecturePublic",
@@ -200,7 +202,7 @@ class SubmissionPublic(_Public):
     owner: str
     display_name: str
     benchmark: str
-    model_format: ModelFormatName
+    model_format: ModelFormat
     architecture: str | None
     mean: list[float] | None
     std: list[float] | None
@@ -314,7 +316,7 @@ class LeaderboardRow(BaseModel):
     display_name: str
     owner: str
     architecture: str | None
-    model_format: ModelFormatName
+    model_format: ModelFormat
     training_method: TrainingMethod
     extra_data: bool
     paper_url: str | None

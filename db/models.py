@@ -29,6 +29,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The evaluator owns the vocabulary of model formats and training methods; the database stores
+# their values.
+from evaluator.models.loading import ModelFormat
+from evaluator.train import TrainingMethod
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -68,18 +73,6 @@ class SubmissionStatus(StrEnum):
             SubmissionStatus.FAILED,
             SubmissionStatus.CANCELLED,
         )
-
-
-class ModelFormatName(StrEnum):
-    SAFETENSORS = "safetensors"
-    EXPORT = "export"
-
-
-class TrainingMethod(StrEnum):
-    STANDARD = "standard"
-    AUGMENTATION = "augmentation"
-    WORST_OF_K = "worst-of-k"
-    OTHER = "other"
 
 
 def _enum(cls: type[StrEnum], name: str) -> Enum:
@@ -145,7 +138,7 @@ class Submission(Base):
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     display_name: Mapped[str] = mapped_column(String(200))
     benchmark: Mapped[str] = mapped_column(String(64))
-    model_format: Mapped[ModelFormatName] = mapped_column(_enum(ModelFormatName, "model_format"))
+    model_format: Mapped[ModelFormat] = mapped_column(_enum(ModelFormat, "model_format"))
     architecture: Mapped[str | None] = mapped_column(String(100), default=None)
     mean: Mapped[list[float] | None] = mapped_column(JSON, default=None)
     std: Mapped[list[float] | None] = mapped_column(JSON, default=None)

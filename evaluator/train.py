@@ -34,7 +34,9 @@ from evaluator.models.registry import get_architecture
 from evaluator.transforms import FillMode, TransformBox, spatial_transform
 
 __all__ = [
-    "TrainMethod",
+    "TRAINABLE_METHODS",
+    "TrainingMethod",
+    "trainable_method",
     "Schedule",
     "EpochStats",
     "TrainResult",
@@ -50,12 +52,32 @@ __all__ = [
 ]
 
 
-class TrainMethod(StrEnum):
-    """How a baseline is trained (the values are the submission API's ``training_method``)."""
+class TrainingMethod(StrEnum):
+    """How a model was trained: the one vocabulary of the submission API's and the database's
+    ``training_method`` (the values are stored; never change them). ``OTHER`` only describes
+    a submission; ``train`` runs the rest (`TRAINABLE_METHODS`)."""
 
     STANDARD = "standard"
     AUGMENTATION = "augmentation"
     WORST_OF_K = "worst-of-k"
+    OTHER = "other"
+
+
+TRAINABLE_METHODS = (
+    TrainingMethod.STANDARD,
+    TrainingMethod.AUGMENTATION,
+    TrainingMethod.WORST_OF_K,
+)
+
+
+def trainable_method(method: TrainingMethod | str) -> TrainingMethod:
+    """``method`` as a member this module can train with; ``ValueError`` for ``other`` or an
+    unknown name."""
+    method = TrainingMethod(method)
+    if method not in TRAINABLE_METHODS:
+        choices = ", ".join(TRAINABLE_METHODS)
+        raise ValueError(f"cannot train with method {method.value!r}; choose one of {choices}")
+    return method
 
 
 class Schedule(StrEnum):
@@ -88,7 +110,7 @@ class TrainResult:
     images it trained on (transformed, for augmentation and worst-of-k); ``natural_accuracy``
     is the trained model's accuracy on the untransformed training images, in eval mode."""
 
-    method: TrainMethod
+    method: TrainingMethod
     epochs: int
     steps: int
     history: list[EpochStats] = field(default_factory=list)
@@ -198,7 +220,7 @@ def train_step(
     images: Tensor,
     labels: Tensor,
     *,
-    method: TrainMethod | str,
+    method: TrainingMethod | str,
     box: TransformBox,
     generator: torch.Generator,
     k: int = 10,
@@ -209,10 +231,10 @@ def train_step(
     Leaves the model in train mode. Returns the batch's mean loss and the number of the
     trained-on images classified correctly (both measured in the training forward pass).
     """
-    method = TrainMethod(method)
-    if method is TrainMethod.AUGMENTATION:
+    method = trainable_method(method)
+    if method is TrainingMethod.AUGMENTATION:
         inputs = augment_batch(images, box, generator, fill)
-    elif method is TrainMethod.WORST_OF_K:
+    elif method is TrainingMethod.WORST_OF_K:
         inputs = worst_of_k_batch(model, images, labels, box, k, generator, fill)
     else:
         inputs = images
@@ -277,7 +299,7 @@ def train(
     dataset_images: Tensor,
     labels: Tensor,
     *,
-    method: TrainMethod | str,
+    method: TrainingMethod | str,
     box: TransformBox,
     k: int = 10,
     epochs: int,
@@ -300,7 +322,7 @@ def train(
     another seeded with ``seed + 1``, so the methods see the same batches for one seed. The
     images stay where they are and move to ``device`` batch by batch.
     """
-    method = TrainMethod(method)
+    method = trainable_method(method)
     schedule = Schedule(schedule)
     if dataset_images.ndim != 4 or labels.shape != (dataset_images.shape[0],):
         raise ValueError(
@@ -309,7 +331,7 @@ def train(
         )
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    if method is TrainMethod.WORST_OF_K and k < 1:
+    if method is TrainingMethod.WORST_OF_K and k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     device = resolve_device(device)
     model.to(device)

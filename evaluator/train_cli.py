@@ -51,11 +51,11 @@ METHOD_CHOICES = "standard, augmentation (or augment), worst-of-k"
 
 
 def _parse_method(text: str) -> str:
-    from evaluator.train import TrainMethod
+    from evaluator.train import trainable_method
 
     value = {"augment": "augmentation", "worst-of-10": "worst-of-k"}.get(text.lower(), text)
     try:
-        return TrainMethod(value.lower()).value
+        return trainable_method(value.lower()).value
     except ValueError:
         raise typer.BadParameter(
             f"{text!r} is not a training method; choose {METHOD_CHOICES}", param_hint="--method"

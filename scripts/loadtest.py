@@ -66,8 +66,9 @@ def free_port() -> int:
 def seed(state_dir: Path, rows: int) -> None:
     """``rows`` finished public submissions with made-up metrics, in the state folder's
     database (schema by the migrations, as serve makes it)."""
-    from db.models import Evaluation, ModelFormatName, Submission, SubmissionStatus, User
+    from db.models import Evaluation, Submission, SubmissionStatus, User
     from db.session import session_scope
+    from evaluator.models.loading import ModelFormat
     from spatialbench.serve import prepare_state
     from spatialbench.settings import Settings
 
@@ -83,7 +84,7 @@ def seed(state_dir: Path, rows: int) -> None:
             grid = natural * rng.uniform(0.0, 0.7)
             submission = Submission(
                 owner_id=owner.id, display_name=f"seeded model {n}", benchmark=BENCHMARK,
-                model_format=ModelFormatName.SAFETENSORS, architecture="small_cnn",
+                model_format=ModelFormat.SAFETENSORS, architecture="small_cnn",
                 file_sha256=f"{n:064x}", file_size=1, status=SubmissionStatus.FINISHED,
                 progress=1.0, description="Made-up metrics for the load test.",
             )  # fmt: skip

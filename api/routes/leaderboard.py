@@ -11,8 +11,8 @@ from api.errors import NotFound
 from api.schemas import LeaderboardPage, SortKey, SortOrder
 from api.services.benchmarks import get_benchmark
 from api.services.leaderboard import MAX_PER_PAGE, leaderboard_document
-from db.models import TrainingMethod
 from evaluator.errors import UnknownBenchmarkError
+from evaluator.train import TrainingMethod
 
 router = APIRouter(tags=["leaderboard"])
 

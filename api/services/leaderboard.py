@@ -19,7 +19,8 @@ from sqlalchemy import ColumnElement, Select, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from api.schemas import LeaderboardPage, LeaderboardRow, SortKey, SortOrder
-from db.models import Evaluation, Submission, SubmissionStatus, TrainingMethod, User
+from db.models import Evaluation, Submission, SubmissionStatus, User
+from evaluator.train import TrainingMethod
 
 __all__ = [
     "CSV_COLUMNS",

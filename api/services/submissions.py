@@ -34,17 +34,10 @@ from api.services.uploads import (
 )
 from db import lifecycle
 from db.lifecycle import CancelOutcome
-from db.models import (
-    Evaluation,
-    ModelFormatName,
-    Resubmission,
-    Submission,
-    SubmissionStatus,
-    User,
-    utcnow,
-)
+from db.models import Evaluation, Resubmission, Submission, SubmissionStatus, User, utcnow
 from db.session import on_rollback
 from evaluator.benchmarks import BenchmarkSpec
+from evaluator.models.loading import ModelFormat
 from evaluator.models.registry import get_architecture
 from spatialbench.settings import Settings
 from storage import Storage
@@ -287,7 +280,7 @@ def _resubmit(
     submission: Submission,
     owner: User,
     meta: SubmissionCreate,
-    model_format: ModelFormatName,
+    model_format: ModelFormat,
 ) -> SubmitResult:
     """Queue ``owner``'s own failed or cancelled ``submission`` again with ``meta``."""
     if not lifecycle.requeue(session, submission.id, owner.id, utcnow()):

@@ -30,7 +30,6 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import BadRequest, IncompatibleArchitecture, InvalidInput, UploadTooLarge
 from api.services.benchmarks import fits
-from db.models import ModelFormatName
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.models.loading import (
     ModelFormat,
@@ -260,7 +259,7 @@ def check_model_file(
     benchmark: BenchmarkSpec,
     architecture: str | None,
     max_unpacked_bytes: int | None = None,
-) -> ModelFormatName:
+) -> ModelFormat:
     """Check a staged model file for ``benchmark``; returns its format.
 
     safetensors: needs ``architecture``; keys, shapes, dtypes and finiteness must fit it with
@@ -283,7 +282,7 @@ def check_model_file(
         arch = get_architecture(architecture)
         check_architecture_fits(arch, benchmark)
         check_safetensors(path, arch.name, benchmark.num_classes)
-        return ModelFormatName.SAFETENSORS
+        return ModelFormat.SAFETENSORS
     if architecture:
         raise InvalidInput(
             "This is a torch.export archive, which carries its own architecture: leave the "
@@ -291,7 +290,7 @@ def check_model_file(
         )
     check_export_archive(path, max_bytes=max_unpacked_bytes)
     strip_sample_inputs(path)
-    return ModelFormatName.EXPORT
+    return ModelFormat.EXPORT
 
 
 def store_file(upload: StagedUpload, storage: Storage) -> tuple[str, bool]:

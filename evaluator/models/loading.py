@@ -74,7 +74,8 @@ StrPath = str | os.PathLike[str]
 
 
 class ModelFormat(StrEnum):
-    """The model file formats SpatialBench accepts."""
+    """The model file formats SpatialBench accepts (the values are stored with each submission;
+    never change them)."""
 
     SAFETENSORS = "safetensors"
     EXPORT = "export"  # a torch.export archive (.pt2)

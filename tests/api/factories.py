@@ -14,15 +14,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.services.users import create_token as _create_token
-from db.models import (
-    Evaluation,
-    ModelFormatName,
-    Submission,
-    SubmissionStatus,
-    TrainingMethod,
-    User,
-    utcnow,
-)
+from db.models import Evaluation, Submission, SubmissionStatus, User, utcnow
+from evaluator.models.loading import ModelFormat
+from evaluator.train import TrainingMethod
 
 
 def create_user(session: Session, **overrides: Any) -> User:
@@ -52,7 +46,7 @@ def create_submission(session: Session, owner: User | None = None, **overrides: 
         "owner_id": owner.id,
         "display_name": "A model",
         "benchmark": "digits",
-        "model_format": ModelFormatName.SAFETENSORS,
+        "model_format": ModelFormat.SAFETENSORS,
         "architecture": "small_cnn",
         "training_method": TrainingMethod.STANDARD,
         "file_sha256": digest,

@@ -13,7 +13,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.routes.submissions import MAX_OFFSET
-from db.models import ModelFormatName, Submission, SubmissionStatus, TrainingMethod, utcnow
+from db.models import Submission, SubmissionStatus, utcnow
+from evaluator.models.loading import ModelFormat
+from evaluator.train import TrainingMethod
 from spatialbench.settings import Settings
 from tests.api.conftest import Account, Enqueued, ModelFiles, make_client, upload
 from tests.api.factories import create_submission
@@ -73,7 +75,7 @@ def test_export_archive_is_accepted_without_architecture(
 ) -> None:
     response = upload(client, model_files.export, alice, architecture=None)
     assert response.status_code == 202, response.text
-    assert response.json()["model_format"] == ModelFormatName.EXPORT.value
+    assert response.json()["model_format"] == ModelFormat.EXPORT.value
     assert response.json()["architecture"] is None
     assert enqueued.ids == [response.json()["id"]]
 

@@ -29,7 +29,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import lifecycle
 from db.lifecycle import CancelOutcome, Claim, FinishOutcome, JobConfig, RunState
-from db.models import Evaluation, ModelFormatName, Submission, SubmissionStatus, User, utcnow
+from db.models import Evaluation, Submission, SubmissionStatus, User, utcnow
+from evaluator.models.loading import ModelFormat
 from tests.fixtures_db import TestDatabase
 
 S = SubmissionStatus
@@ -97,7 +98,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                     owner_id=owner.id,
                     display_name=f"m{i}",
                     benchmark="digits",
-                    model_format=ModelFormatName.SAFETENSORS,
+                    model_format=ModelFormat.SAFETENSORS,
                     architecture="small_cnn",
                     file_sha256=uuid.uuid4().hex * 2,
                     file_size=1,
@@ -299,7 +300,7 @@ def test_a_frozen_run_cannot_record_its_result_after_a_cancel_and_a_resubmit(
         session.flush()
         row = Submission(
             owner_id=owner.id, display_name="m", benchmark="digits",
-            model_format=ModelFormatName.SAFETENSORS, architecture="small_cnn",
+            model_format=ModelFormat.SAFETENSORS, architecture="small_cnn",
             file_sha256="f" * 64, file_size=1,
         )  # fmt: skip
         lifecycle.submit(session, row, now)

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from evaluator.models import load_model, load_safetensors_model
 from evaluator.train import (
+    TRAINABLE_METHODS,
     Schedule,
-    TrainMethod,
+    TrainingMethod,
     augment_batch,
     build_model,
     train,
@@ -143,8 +144,8 @@ def test_worst_of_k_rejects_k_below_one() -> None:
 # --- training -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", list(TrainMethod))
-def test_train_step_decreases_the_loss(method: TrainMethod, device: torch.device) -> None:
+@pytest.mark.parametrize("method", TRAINABLE_METHODS)
+def test_train_step_decreases_the_loss(method: TrainingMethod, device: torch.device) -> None:
     model = tiny_bn_net().to(device)
     images, labels = (t.to(device) for t in tiny_data())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -167,8 +168,8 @@ def test_train_step_decreases_the_loss(method: TrainMethod, device: torch.device
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("method", list(TrainMethod))
-def test_train_reports_progress_and_leaves_eval_mode(method: TrainMethod) -> None:
+@pytest.mark.parametrize("method", TRAINABLE_METHODS)
+def test_train_reports_progress_and_leaves_eval_mode(method: TrainingMethod) -> None:
     images, labels = tiny_data(n=20)
     calls: list[tuple[int, int, int, float, float]] = []
     model = tiny_bn_net()
@@ -214,7 +215,7 @@ def test_training_learns_the_tiny_problem() -> None:
         model,
         images,
         labels,
-        method=TrainMethod.STANDARD,
+        method=TrainingMethod.STANDARD,
         box=BOX,
         epochs=15,
         batch_size=8,
@@ -225,8 +226,8 @@ def test_training_learns_the_tiny_problem() -> None:
     assert result.history[-1].loss < result.history[0].loss
 
 
-@pytest.mark.parametrize("method", list(TrainMethod))
-def test_same_seed_gives_identical_weights(method: TrainMethod) -> None:
+@pytest.mark.parametrize("method", TRAINABLE_METHODS)
+def test_same_seed_gives_identical_weights(method: TrainingMethod) -> None:
     images, labels = tiny_data(n=24)
 
     def run(seed: int) -> dict[str, Tensor]:
@@ -370,3 +371,13 @@ def test_cli_refuses_an_unknown_architecture(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert "Unknown architecture" in result.output
+
+
+def test_train_refuses_a_method_that_only_describes_a_submission() -> None:
+    """``other`` is in the shared vocabulary but names no recipe: refused, not trained as
+    standard."""
+    model = build_model("small_cnn", num_classes=10)
+    images = torch.rand(4, 3, 32, 32)
+    labels = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="cannot train with method 'other'"):
+        train(model, images, labels, method=TrainingMethod.OTHER, box=BOX, epochs=1)

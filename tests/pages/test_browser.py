@@ -28,8 +28,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrate import upgrade
-from db.models import Evaluation, Submission, SubmissionStatus, TrainingMethod
+from db.models import Evaluation, Submission, SubmissionStatus
 from db.session import make_engine
+from evaluator.train import TrainingMethod
 from scripts.screenshots import (
     CHROMIUM_ARGS,
     VIEWPORT,

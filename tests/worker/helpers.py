@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 from torch import Tensor, nn
 
-from db.models import ModelFormatName, Submission, User
+from db.models import Submission, User
+from evaluator.models.loading import ModelFormat
 from spatialbench.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +134,7 @@ def create_submission(
         "owner_id": owner.id,
         "display_name": model.stem,
         "benchmark": QUICK_BENCHMARK,
-        "model_format": ModelFormatName.SAFETENSORS,
+        "model_format": ModelFormat.SAFETENSORS,
         "architecture": "small_cnn",
         "file_sha256": digest,
         "file_size": size,

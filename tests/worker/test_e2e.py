@@ -17,12 +17,12 @@ import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Evaluation, ModelFormatName, Submission, SubmissionStatus
+from db.models import Evaluation, Submission, SubmissionStatus
 from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark, load_benchmark_file
 from evaluator.data import load_dataset, resolve_benchmark
 from evaluator.evaluate import EvalOptions, evaluate
-from evaluator.models.loading import load_model
+from evaluator.models.loading import ModelFormat, load_model
 from spatialbench.settings import Settings
 from tests.worker.helpers import (
     QUICK_BENCHMARK,
@@ -182,7 +182,7 @@ def test_cancel_stops_a_running_evaluation_within_seconds(
         sessions,
         e2e_settings,
         model,
-        model_format=ModelFormatName.EXPORT,
+        model_format=ModelFormat.EXPORT,
         architecture=None,
         benchmark="digits",
     )

@@ -11,12 +11,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.lifecycle import claim as claim_submission
-from db.models import Evaluation, ModelFormatName, Submission, SubmissionStatus, utcnow
+from db.models import Evaluation, Submission, SubmissionStatus, utcnow
 from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark, load_benchmark_file
 from evaluator.data import load_dataset, resolve_benchmark
 from evaluator.evaluate import EvalOptions, evaluate
-from evaluator.models.loading import load_model
+from evaluator.models.loading import ModelFormat, load_model
 from spatialbench.settings import Settings
 from storage import storage_from_settings
 from tests.worker.helpers import (
@@ -174,7 +174,7 @@ def test_run_submission_fails_with_the_models_problem(
     sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
 ) -> None:
     model = export_file(tmp_path / "nan.pt2", "nan")
-    sid = _new(sessions, settings, model, model_format=ModelFormatName.EXPORT, architecture=None)
+    sid = _new(sessions, settings, model, model_format=ModelFormat.EXPORT, architecture=None)
     assert run_submission(sessions, sid, settings) is Outcome.FAILED
     row = _row(sessions, sid)
     assert row.status is SubmissionStatus.FAILED
