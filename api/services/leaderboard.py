@@ -12,7 +12,7 @@ import hashlib
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, TypeVarTuple
 
 from sqlalchemy import ColumnElement, Select, case, func, or_, select
@@ -26,6 +26,7 @@ __all__ = [
     "CSV_COLUMNS",
     "BoardCache",
     "best_values",
+    "best_values_for_board",
     "board_version",
     "default_order",
     "leaderboard",
@@ -186,6 +187,37 @@ def best_values(
     query = _joined(select(*(func.max(METRIC_COLUMNS[k]) for k in keys)), where)
     values = session.execute(query).one()
     return {key: float(value) for key, value in zip(keys, values, strict=True) if value is not None}
+
+
+def best_values_for_board(
+    session: Session,
+    benchmark: str,
+    board: LeaderboardPage,
+    keys: Iterable[str],
+    *,
+    training_method: TrainingMethod | None = None,
+    architecture: str | None = None,
+    search: str | None = None,
+) -> dict[str, float]:
+    """The best (highest) value of each metric in ``keys`` over every row that matches the
+    filters, not only ``board``'s page: the top row when the same filtered board is sorted by
+    that metric. Read from the page when it holds every row (no query), empty when there is
+    nothing to compare."""
+    keys = tuple(keys)
+    if board.total < 2:
+        return {}
+    if board.total <= len(board.rows):
+        best: dict[str, float] = {}
+        for key in keys:
+            values = [getattr(r, key) for r in board.rows if getattr(r, key) is not None]
+            if values:
+                best[key] = max(values)
+        return best
+    found = best_values(
+        session, benchmark, training_method=training_method, architecture=architecture,
+        search=search,
+    )  # fmt: skip
+    return {key.value: value for key, value in found.items() if key.value in keys}
 
 
 def board_version(session: Session, benchmark: str) -> tuple[Any, ...]:

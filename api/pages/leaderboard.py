@@ -1,0 +1,238 @@
+"""The home page and the leaderboard pages: the ranked table, whose sort, filters, search and
+page are query parameters (links and the back button work without JavaScript), with links to
+the JSON and CSV of exactly the rows shown."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+
+from api.deps import SessionDep, SettingsDep
+from api.pages.rendering import (
+    HTML_HEADERS,
+    METRIC_KEYS,
+    METRICS,
+    PAPER_RESULTS,
+    find_benchmark,
+    render,
+)
+from api.schemas import LeaderboardPage, SortKey, SortOrder
+from api.services.benchmarks import benchmark_public, list_benchmarks
+from api.services.leaderboard import (
+    MAX_PER_PAGE,
+    BoardCache,
+    best_values_for_board,
+    board_version,
+    default_order,
+    leaderboard,
+)
+from evaluator.benchmarks import BenchmarkSpec
+from evaluator.train import TrainingMethod
+
+__all__ = ["BoardQuery", "router"]
+
+DEFAULT_PER_PAGE = 50
+# The home page's preview of each leaderboard.
+TOP_ENTRIES = 5
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
+    boards = [
+        (spec, leaderboard(session, spec.name, per_page=TOP_ENTRIES))
+        for spec in list_benchmarks(settings)
+    ]
+    # Benchmarks with results first; otherwise in the server's order.
+    boards.sort(key=lambda pair: pair[1].total == 0)
+    return render(request, "index.html", {"boards": boards, "paper_results": PAPER_RESULTS})
+
+
+# --- The leaderboard ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoardQuery:
+    """What a leaderboard page shows: its query parameters, read leniently (a bad value falls
+    back to the default rather than failing: these are links people edit and share)."""
+
+    sort: SortKey = SortKey.GRID
+    order: SortOrder | None = None
+    training_method: TrainingMethod | None = None
+    architecture: str | None = None
+    search: str | None = None
+    page: int = 1
+    per_page: int = DEFAULT_PER_PAGE
+
+    @classmethod
+    def parse(cls, params: Mapping[str, str]) -> BoardQuery:
+        def enum(kind: Any, value: str | None) -> Any:
+            try:
+                return kind(value) if value else None
+            except ValueError:
+                return None
+
+        def positive(value: str | None, default: int, top: int) -> int:
+            try:
+                return min(max(1, int(value or default)), top)
+            except ValueError:
+                return default
+
+        text = (params.get("search") or "").strip()[:200] or None
+        return cls(
+            sort=enum(SortKey, params.get("sort")) or SortKey.GRID,
+            order=enum(SortOrder, params.get("order")),
+            training_method=enum(TrainingMethod, params.get("training_method")),
+            architecture=(params.get("architecture") or "").strip()[:100] or None,
+            search=text,
+            page=positive(params.get("page"), 1, 10**6),
+            per_page=positive(params.get("per_page"), DEFAULT_PER_PAGE, MAX_PER_PAGE),
+        )
+
+    @property
+    def effective_order(self) -> SortOrder:
+        return self.order or default_order(self.sort)
+
+    def params(self, *, full: bool = False, **changes: Any) -> dict[str, str]:
+        """The query parameters of this view with ``changes``; defaults left out unless
+        ``full`` (the API's defaults differ from the page's, so its links spell them out)."""
+        q = replace(self, **changes)
+        out: dict[str, str] = {}
+        if full or q.sort is not SortKey.GRID:
+            out["sort"] = q.sort.value
+        if full or (q.order is not None and q.order is not default_order(q.sort)):
+            out["order"] = q.effective_order.value
+        if q.training_method is not None:
+            out["training_method"] = q.training_method.value
+        if q.architecture:
+            out["architecture"] = q.architecture
+        if q.search:
+            out["search"] = q.search
+        if full or q.page != 1:
+            out["page"] = str(q.page)
+        if full or q.per_page != DEFAULT_PER_PAGE:
+            out["per_page"] = str(q.per_page)
+        return out
+
+    def url(self, path: str, *, full: bool = False, **changes: Any) -> str:
+        params = self.params(full=full, **changes)
+        return f"{path}?{urlencode(params)}" if params else path
+
+    def sort_link(self, path: str, key: SortKey) -> str:
+        """The header link for ``key``: its natural order first, the other order when the
+        table is already sorted by it; back to the first page either way."""
+        order = default_order(key)
+        if key is self.sort:
+            order = SortOrder.ASC if self.effective_order is SortOrder.DESC else SortOrder.DESC
+        return self.url(path, sort=key, order=order, page=1)
+
+    def aria_sort(self, key: SortKey) -> str | None:
+        if key is not self.sort:
+            return None
+        return "ascending" if self.effective_order is SortOrder.ASC else "descending"
+
+    @property
+    def description(self) -> str:
+        """How the table is sorted, in words ("grid, best first")."""
+        order = self.effective_order
+        if self.sort is SortKey.NAME:
+            return "name, " + ("A to Z" if order is SortOrder.ASC else "Z to A")
+        if self.sort is SortKey.CREATED_AT:
+            return "date, " + ("newest first" if order is SortOrder.DESC else "oldest first")
+        label = next(m.label for m in METRICS if m.key is self.sort)
+        return f"{label.lower()}, " + ("best first" if order is SortOrder.DESC else "worst first")
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.training_method or self.architecture or self.search)
+
+
+def _best_values(
+    session: SessionDep, benchmark: str, query: BoardQuery, board: LeaderboardPage
+) -> dict[str, float]:
+    """The best value of each shown metric over every row that matches the filters."""
+    return best_values_for_board(
+        session, benchmark, board, METRIC_KEYS, training_method=query.training_method,
+        architecture=query.architecture, search=query.search,
+    )  # fmt: skip
+
+
+def protocol(spec: BenchmarkSpec) -> dict[str, Any]:
+    """The benchmark's protocol, as the page states it above the table."""
+    d = spec.to_dict()
+    height, width = spec.image_size
+    dx, dy = d["max_translation"]
+    thetas, dxs, dys = ([round(float(v), 4) for v in axis] for axis in spec.grid.axes())
+    return {
+        **d,
+        "translation_pct": 100 * max(dx / width, dy / height),
+        "thetas": thetas,
+        "theta_step": thetas[1] - thetas[0] if len(thetas) > 1 else 0.0,
+        "dxs": dxs,
+        "dys": dys,
+    }
+
+
+@router.get("/leaderboard/{benchmark}", response_class=HTMLResponse)
+def leaderboard_page(
+    request: Request, benchmark: str, session: SessionDep, settings: SettingsDep
+) -> Response:
+    spec = find_benchmark(benchmark, settings)
+    query = BoardQuery.parse(request.query_params)
+    # The rendering is reused while the board is unchanged: a popular board is polled far
+    # more often than it changes, and rendering it is most of a request's cost.
+    key = ("page", spec.name, query, board_version(session, spec.name))
+    cache: BoardCache = request.app.state.board_cache
+    headers = {**HTML_HEADERS, "ETag": cache.etag(key), "Cache-Control": "no-cache"}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    body = cache.get(key, lambda: bytes(_render_leaderboard(request, session, spec, query).body))
+    return HTMLResponse(body, headers=headers)
+
+
+def _render_leaderboard(
+    request: Request, session: SessionDep, spec: BenchmarkSpec, query: BoardQuery
+) -> HTMLResponse:
+    board = leaderboard(
+        session,
+        spec.name,
+        sort=query.sort,
+        order=query.effective_order,
+        training_method=query.training_method,
+        architecture=query.architecture,
+        search=query.search,
+        page=query.page,
+        per_page=query.per_page,
+    )
+    path = f"/leaderboard/{spec.name}"
+    api_path = f"/api/v1/leaderboard/{spec.name}"
+    architectures = sorted(
+        set(benchmark_public(spec).architectures)
+        | ({query.architecture} if query.architecture else set())
+    )
+    return render(
+        request,
+        "leaderboard.html",
+        {
+            "current": spec.name,
+            "spec": spec,
+            "protocol": protocol(spec),
+            "query": query,
+            "sort_description": query.description,
+            "board": board,
+            "path": path,
+            "best": _best_values(session, spec.name, query, board),
+            "json_url": query.url(api_path, full=True),
+            "csv_url": query.url(api_path, full=True) + "&format=csv",
+            "architectures": architectures,
+            "training_methods": list(TrainingMethod),
+            "first": (board.page - 1) * board.per_page + 1,
+            "last": (board.page - 1) * board.per_page + len(board.rows),
+        },
+    )

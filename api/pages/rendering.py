@@ -1,0 +1,254 @@
+"""What every page shares: the Jinja2 environment (autoescaped) and its filters, the metric
+vocabulary and the paper's numbers the templates show, the HTML 404 and 503 pages, and the
+look-ups that turn an unknown benchmark or submission into the 404 page."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+
+from api.deps import SessionDep
+from api.errors import DatabaseUnavailable, NotFound
+from api.schemas import SortKey, as_utc
+from api.services.benchmarks import get_benchmark, list_benchmarks
+from api.services.submissions import get_submission
+from db.models import Submission
+from evaluator.benchmarks import BenchmarkSpec
+from evaluator.errors import UnknownBenchmarkError
+from evaluator.train import TrainingMethod
+from spatialbench.settings import Settings
+
+__all__ = [
+    "HTML_HEADERS",
+    "METRICS",
+    "METRIC_KEYS",
+    "PageNotFound",
+    "find_benchmark",
+    "find_submission",
+    "not_found_page",
+    "render",
+    "unavailable_page",
+]
+
+HERE = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = HERE / "templates"
+STATIC_DIR = HERE / "static"
+
+
+# Only what HTML pages need: our own styles and script, images from here (the plots embed a
+# PNG as a data: URL), the API for polling. No inline script or style anywhere.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+HTML_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+# --- What the metrics mean (written once, used by every page) ---------------------------------
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    key: SortKey
+    label: str
+    short: str
+    explanation: str
+
+
+METRICS: tuple[MetricInfo, ...] = (
+    MetricInfo(
+        SortKey.NATURAL, "Natural", "natural",
+        "Accuracy on the untransformed test images.",
+    ),
+    MetricInfo(
+        SortKey.RANDOM, "Random", "random",
+        "Accuracy when each image is rotated and translated by one transformation drawn "
+        "uniformly from the box.",
+    ),
+    MetricInfo(
+        SortKey.WORST_OF_K, "Worst-of-10", "worst-of-10",
+        "An image counts only if it is classified correctly under all 10 independent uniform "
+        "draws: a cheap random-search attack.",
+    ),
+    MetricInfo(
+        SortKey.GRID, "Grid", "grid",
+        "The headline number. An image counts only if it is classified correctly at every "
+        "one of the 775 grid points: the exhaustive attack.",
+    ),
+    MetricInfo(
+        SortKey.FIRST_ORDER, "First-order", "first-order",
+        "Projected gradient ascent on the cross-entropy over (θ, dx, dy) through the "
+        "differentiable resampling, inside the same box. Optional: empty where not measured "
+        "or where the model cannot be differentiated. Above grid means the gradient attack "
+        "missed worst cases the grid found.",
+    ),
+    MetricInfo(
+        SortKey.VOTE_NATURAL, "Vote", "vote",
+        "The majority-vote defense: the model's majority label over 10 random transformations "
+        "of its input. Accuracy of the defended model on untransformed images.",
+    ),
+    MetricInfo(
+        SortKey.GRID_VOTE, "Grid + vote (adaptive)", "grid + vote (adaptive)",
+        "The defended model under the adaptive attacker: the vote's 10 transformations for an "
+        "image are drawn once and reused, and the attacker searches all 775 grid points "
+        "against that fixed defended classifier; an image counts if the vote is right at "
+        "every point.",
+    ),
+)  # fmt: skip
+METRIC_KEYS = tuple(m.key.value for m in METRICS)
+
+TRAINING_LABELS = {
+    TrainingMethod.STANDARD: "standard",
+    TrainingMethod.AUGMENTATION: "augmentation",
+    TrainingMethod.WORST_OF_K: "worst-of-k",
+    TrainingMethod.OTHER: "other",
+}
+
+# The paper's headline numbers (Engstrom et al., ICML 2019), as DESIGN.md quotes them: shown on
+# the home page as the paper's, never mixed with results measured here.
+PAPER_RESULTS = (
+    ("CIFAR-10", "standard training", "93%", "3%"),
+    ("CIFAR-10", "worst-of-10 training", "", "71%"),
+    ("CIFAR-10", "worst-of-10 training + vote", "", "82%"),
+    ("ImageNet", "standard training", "76%", "31%"),
+    ("ImageNet", "worst-of-10 training", "", "53%"),
+    ("ImageNet", "worst-of-10 training + vote", "", "56%"),
+)
+PAPER_URL = "https://arxiv.org/abs/1712.02779"
+
+
+# --- Formatting (template filters) ------------------------------------------------------------
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value * 100:.{digits}f}%"
+
+
+def number(value: float | int | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.2f}"
+
+
+def grid_value(value: float) -> str:
+    return f"{value:g}"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def date(value: datetime | None) -> str:
+    value = as_utc(value)
+    return "—" if value is None else value.strftime("%Y-%m-%d")
+
+
+def timestamp(value: datetime | None) -> str:
+    value = as_utc(value)
+    return "—" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def iso(value: datetime | None) -> str:
+    value = as_utc(value)
+    return "" if value is None else value.isoformat()
+
+
+@functools.cache
+def static_url(name: str) -> str:
+    """``/static/NAME?v=HASH``: a new URL whenever the file changes, so it can be cached."""
+    digest = hashlib.sha256((STATIC_DIR / name).read_bytes()).hexdigest()[:10]
+    return f"/static/{name}?v={digest}"
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        # Everything is escaped, whatever the template's name: user text (model names,
+        # descriptions, failure messages) only ever reaches the page as text.
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        pct=pct, number=number, duration=duration, date=date, timestamp=timestamp, iso=iso,
+        grid_value=grid_value,
+    )  # fmt: skip
+    env.globals.update(
+        static_url=static_url, METRICS=METRICS, TRAINING_LABELS=TRAINING_LABELS,
+        PAPER_URL=PAPER_URL, sortkeys=SortKey,
+    )  # fmt: skip
+    return env
+
+
+def render(
+    request: Request, template: str, context: Mapping[str, Any], status_code: int = 200
+) -> HTMLResponse:
+    settings: Settings = request.app.state.settings
+    values = {"nav_benchmarks": list_benchmarks(settings), "current": None, **context}
+    html = _environment().get_template(template).render(values)
+    return HTMLResponse(html, status_code=status_code, headers=HTML_HEADERS)
+
+
+# --- Not found ----------------------------------------------------------------------------------
+
+
+class PageNotFound(Exception):
+    """An unknown benchmark or submission (or a private one): the HTML 404 page."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def not_found_page(request: Request, message: str) -> HTMLResponse:
+    return render(request, "404.html", {"message": message}, status_code=404)
+
+
+def unavailable_page(request: Request) -> HTMLResponse:
+    error = DatabaseUnavailable()
+    response = render(request, "503.html", {"message": error.detail}, status_code=503)
+    response.headers.update(error.headers)
+    return response
+
+
+def find_benchmark(name: str, settings: Settings) -> BenchmarkSpec:
+    try:
+        return get_benchmark(name, settings)
+    except UnknownBenchmarkError:
+        raise PageNotFound(f"There is no benchmark called “{name}”.") from None
+
+
+def find_submission(session: SessionDep, submission_id: str) -> Submission:
+    # Pages are anonymous: a private submission is not found, even for its owner.
+    try:
+        return get_submission(session, submission_id, None)
+    except NotFound:
+        raise PageNotFound(
+            f"There is no public submission with the id “{submission_id}”."
+        ) from None
+
+
+# --- The home page ------------------------------------------------------------------------------
