@@ -19,8 +19,7 @@ from pydantic import (
 )
 
 from db.models import SubmissionStatus
-from evaluator.models.loading import ModelFormat
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import ModelFormat, TrainingMethod
 
 __all__ = [
     "ArchitecturePublic",

@@ -31,8 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # The evaluator owns the vocabulary of model formats and training methods; the database stores
 # their values.
-from evaluator.models.loading import ModelFormat
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import ModelFormat, TrainingMethod
 
 
 def utcnow() -> datetime:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from evaluator.models.registry import get_architecture
 from evaluator.transforms import FillMode, TransformBox, spatial_transform
+from evaluator.vocabulary import TrainingMethod
 
 __all__ = [
     "TRAINABLE_METHODS",
@@ -50,17 +51,6 @@ __all__ = [
     "accuracy",
     "resolve_device",
 ]
-
-
-class TrainingMethod(StrEnum):
-    """How a model was trained: the one vocabulary of the submission API's and the database's
-    ``training_method`` (the values are stored; never change them). ``OTHER`` only describes
-    a submission; ``train`` runs the rest (`TRAINABLE_METHODS`)."""
-
-    STANDARD = "standard"
-    AUGMENTATION = "augmentation"
-    WORST_OF_K = "worst-of-k"
-    OTHER = "other"
 
 
 TRAINABLE_METHODS = (

@@ -68,7 +68,7 @@ def seed(state_dir: Path, rows: int) -> None:
     database (schema by the migrations, as serve makes it)."""
     from db.models import Evaluation, Submission, SubmissionStatus, User
     from db.session import session_scope
-    from evaluator.models.loading import ModelFormat
+    from evaluator.vocabulary import ModelFormat
     from spatialbench.serve import prepare_state
     from spatialbench.settings import Settings
 

@@ -332,7 +332,11 @@ RULES = [
         ("evaluator.*", "db.*", "storage.*", *_SETTINGS, "worker", WORKER_LEAF_FOR_API),
         f"api imports only {WORKER_LEAF_FOR_API} of worker",
     ),
-    Rule("db", _SETTINGS, "db sits below the api and the worker"),
+    Rule(
+        "db",
+        (*_SETTINGS, "evaluator", "evaluator.vocabulary"),
+        "db sits below the api and the worker (it stores the evaluator's vocabulary)",
+    ),
     Rule("storage", _SETTINGS, "storage imports nothing of the project but settings"),
     Rule(SETTINGS, ("spatialbench",), "the settings are the bottom layer"),
     Rule(WORKER_LEAF_FOR_API, ("worker", *_SETTINGS), "the API's leaf of worker stays a leaf"),

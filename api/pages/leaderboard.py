@@ -32,7 +32,7 @@ from api.services.leaderboard import (
     leaderboard,
 )
 from evaluator.benchmarks import BenchmarkSpec
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import TrainingMethod
 
 __all__ = ["BoardQuery", "router"]
 

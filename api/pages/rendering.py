@@ -24,7 +24,7 @@ from api.services.submissions import get_submission
 from db.models import Submission
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import TrainingMethod
 from spatialbench.settings import Settings
 
 __all__ = [

@@ -12,7 +12,7 @@ from api.schemas import LeaderboardPage, SortKey, SortOrder
 from api.services.benchmarks import get_benchmark
 from api.services.leaderboard import MAX_PER_PAGE, leaderboard_document
 from evaluator.errors import UnknownBenchmarkError
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import TrainingMethod
 
 router = APIRouter(tags=["leaderboard"])
 

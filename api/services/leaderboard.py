@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas import LeaderboardPage, LeaderboardRow, SortKey, SortOrder
 from db.models import Evaluation, Submission, SubmissionStatus, User
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import TrainingMethod
 
 __all__ = [
     "CSV_COLUMNS",

@@ -37,8 +37,8 @@ from db.lifecycle import CancelOutcome
 from db.models import Evaluation, Resubmission, Submission, SubmissionStatus, User, utcnow
 from db.session import on_rollback
 from evaluator.benchmarks import BenchmarkSpec
-from evaluator.models.loading import ModelFormat
 from evaluator.models.registry import get_architecture
+from evaluator.vocabulary import ModelFormat
 from spatialbench.settings import Settings
 from storage import Storage
 

@@ -39,7 +39,6 @@ import os
 import struct
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
-from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
@@ -55,6 +54,7 @@ from evaluator.errors import (
     WeightsMismatchError,
 )
 from evaluator.models.registry import get_architecture, list_architectures
+from evaluator.vocabulary import ModelFormat
 
 __all__ = [
     "HOW_TO_CONVERT",
@@ -71,14 +71,6 @@ __all__ = [
 ]
 
 StrPath = str | os.PathLike[str]
-
-
-class ModelFormat(StrEnum):
-    """The model file formats SpatialBench accepts (the values are stored with each submission;
-    never change them)."""
-
-    SAFETENSORS = "safetensors"
-    EXPORT = "export"  # a torch.export archive (.pt2)
 
 
 HOW_TO_CONVERT = (

@@ -15,8 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.services.users import create_token as _create_token
 from db.models import Evaluation, Submission, SubmissionStatus, User, utcnow
-from evaluator.models.loading import ModelFormat
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import ModelFormat, TrainingMethod
 
 
 def create_user(session: Session, **overrides: Any) -> User:

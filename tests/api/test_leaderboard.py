@@ -13,7 +13,7 @@ from api.routes.leaderboard import MAX_PAGE
 from api.schemas import SortKey, SortOrder
 from api.services.leaderboard import MAX_PER_PAGE, leaderboard
 from db.models import SubmissionStatus, utcnow
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import TrainingMethod
 from tests.api.conftest import Account
 from tests.api.factories import create_finished, create_submission
 from tests.fixtures_db import TestDatabase

@@ -14,8 +14,7 @@ from sqlalchemy import func, select
 
 from api.routes.submissions import MAX_OFFSET
 from db.models import Submission, SubmissionStatus, utcnow
-from evaluator.models.loading import ModelFormat
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import ModelFormat, TrainingMethod
 from spatialbench.settings import Settings
 from tests.api.conftest import Account, Enqueued, ModelFiles, make_client, upload
 from tests.api.factories import create_submission

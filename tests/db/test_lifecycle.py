@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import lifecycle
 from db.lifecycle import CancelOutcome, Claim, FinishOutcome, JobConfig, RunState
 from db.models import Evaluation, Submission, SubmissionStatus, User, utcnow
-from evaluator.models.loading import ModelFormat
+from evaluator.vocabulary import ModelFormat
 from tests.fixtures_db import TestDatabase
 
 S = SubmissionStatus

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from db.models import Evaluation, Submission, SubmissionStatus, utcnow
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import TrainingMethod
 from spatialbench.settings import Settings
 from tests.api.conftest import Account, Enqueued, make_client
 from tests.api.factories import create_finished, create_submission, create_token, create_user

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.migrate import upgrade
 from db.models import Evaluation, Submission, SubmissionStatus
 from db.session import make_engine
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import TrainingMethod
 from scripts.screenshots import (
     CHROMIUM_ARGS,
     VIEWPORT,

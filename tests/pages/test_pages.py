@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from api.pages import BoardQuery
 from api.schemas import SortKey, SortOrder
 from db.models import SubmissionStatus
-from evaluator.train import TrainingMethod
+from evaluator.vocabulary import TrainingMethod
 from tests.api.conftest import Account
 from tests.api.factories import create_finished
 from tests.fixtures_db import TestDatabase

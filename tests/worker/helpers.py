@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from torch import Tensor, nn
 
 from db.models import Submission, User
-from evaluator.models.loading import ModelFormat
+from evaluator.vocabulary import ModelFormat
 from spatialbench.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
