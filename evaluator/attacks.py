@@ -198,6 +198,8 @@ class CandidateOrder:
         self._prior_rank = torch.empty(n, dtype=torch.float64)
         self._prior_rank[prior] = torch.arange(n, dtype=torch.float64)
         self.fooled = torch.zeros(n, dtype=torch.float64)
+        # Bumped on every update, so a search recomputes the ranking only when it changed.
+        self.version = 0
 
     def ranking(self) -> Tensor:
         # Counts are integers, prior ranks lie in [0, n): scaling by n keeps counts dominant.
@@ -206,6 +208,7 @@ class CandidateOrder:
 
     def update(self, fooling_candidates: Tensor) -> None:
         self.fooled += torch.bincount(fooling_candidates.cpu(), minlength=len(self.fooled)).double()
+        self.version += 1
 
 
 @dataclass
@@ -250,7 +253,9 @@ def search_candidates(
 
     Each round takes a window of at most ``pairs_per_batch`` standing images and gives each an
     equal share of the batch, in the current order of the candidates, so batches stay full
-    while few images are left.
+    while few images are left; an image that may stop early takes at most as many candidates
+    as it has tried so far (`_round_quota`), so few passes go past its first fooling point.
+    The ranking is recomputed only when the order has changed.
     """
     device = labels.device
     n = labels.shape[0]
@@ -278,17 +283,24 @@ def search_candidates(
             order.update(torch.full((int(wrong.sum()),), cand, dtype=torch.long))
     pairs = 0
     arange_cache = torch.arange(n_candidates, device=device)
+    # What each image had tried before the search began (the known candidate): its own tries
+    # count from there.
+    tried_before = tried_count.clone()
+    ranking: Tensor | None = None
+    ranking_version = -1
     while True:
         standing = ((first_fool < 0) | exhaustive) & (tried_count < n_candidates)
         active = standing.nonzero().squeeze(1)
         if active.numel() == 0:
             break
         active = active[:pairs_per_batch]
-        ranking = (order.ranking() if order is not None else arange_cache.cpu()).to(device)
+        if ranking is None or (order is not None and order.version != ranking_version):
+            ranking = (order.ranking() if order is not None else arange_cache.cpu()).to(device)
+            ranking_version = order.version if order is not None else 0
         untried = ~tried[active][:, ranking]
-        a = active.numel()
-        share = pairs_per_batch // a
-        quota = share + (torch.arange(a, device=device) < pairs_per_batch - share * a).long()
+        quota = _round_quota(
+            pairs_per_batch, tried_count[active] - tried_before[active], exhaustive[active]
+        )
         take = untried & (untried.cumsum(dim=1) <= quota[:, None])
         rows, cols = take.nonzero(as_tuple=True)
         images = active[rows]
@@ -317,6 +329,22 @@ def search_candidates(
             done = n - int(still.sum())
             on_batch(done, images.numel())
     return SearchOutcome(first_fool, fool_pred, correct, tried, pairs)
+
+
+def _round_quota(pairs_per_batch: int, searched: Tensor, exhaustive: Tensor) -> Tensor:
+    """How many candidates each image of a round's window may try.
+
+    An equal share of the batch, but an image that may still stop early tries at most as
+    many candidates as it has already tried (1, 1, 2, 4, ...): a model fooled at an image's
+    k-th candidate is then tried at most 2k times there, where an equal share of a batch with
+    few images left spends hundreds of passes past the first fooling point. Exhaustive images
+    take their whole share, since they try everything anyway.
+    """
+    a = searched.numel()
+    share = pairs_per_batch // a
+    quota = share + (torch.arange(a, device=searched.device) < pairs_per_batch - share * a).long()
+    cap = torch.where(exhaustive, quota, searched.clamp(min=1))
+    return torch.minimum(quota, cap)
 
 
 def grid_pair_predictor(

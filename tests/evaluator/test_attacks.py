@@ -87,6 +87,28 @@ def test_first_fooling_point_really_fools(setup) -> None:
     assert (preds != data.labels[fooled]).all()
 
 
+def test_early_exit_spends_at_most_twice_the_passes_to_the_first_fooling_point() -> None:
+    """Each image is fooled first at its 1st or 4th candidate, but two resist them all. With
+    early exit, an image fooled at its k-th candidate is tried at most 2k times, also when it
+    reaches a late round with few images left, where an equal share of the batch would give it
+    a dozen tries past its fooling point."""
+    n, n_candidates = 70, 40
+    labels = torch.zeros(n, dtype=torch.long)
+    first = torch.where(torch.arange(n) % 7 == 0, 3, 0)
+    robust = torch.arange(n) >= n - 2
+
+    def predict(rows: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        return ((cands >= first[rows]) & ~robust[rows]).long()
+
+    outcome = search_candidates(predict, labels, n_candidates, pairs_per_batch=64)
+    assert torch.equal(outcome.robust, robust)
+    assert torch.equal(outcome.first_fool[~robust], first[~robust])
+    tries = outcome.tried.sum(dim=1)
+    assert (tries[~robust] <= 2 * (first[~robust] + 1)).all(), tries[~robust].tolist()
+    assert (tries[robust] == n_candidates).all()
+    assert outcome.pairs == int(tries.sum())
+
+
 def test_known_identity_results_are_not_recomputed(setup) -> None:
     model, data, clf = setup
     images, labels = data.images.to(clf.device), data.labels.to(clf.device)
