@@ -18,14 +18,13 @@ from api.metrics import ApiMetrics, MetricsMiddleware
 from api.pages import install_pages
 from api.routes import catalog, leaderboard, ops, submissions
 from api.services.leaderboard import BoardCache
+from api.urls import API_PREFIX
 from db.session import Database
 from spatialbench.settings import Settings, get_settings
 from storage import storage_from_settings
 from worker.queue import Producer
 
 __all__ = ["API_PREFIX", "create_app"]
-
-API_PREFIX = "/api/v1"
 
 
 def create_app(settings: Settings | None = None, *, database: Database | None = None) -> FastAPI:

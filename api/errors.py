@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.urls import API_PREFIX
 from evaluator.errors import (
     EvaluatorError,
     ModelFormatError,
@@ -198,7 +199,7 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and detail == "Not Found":
-        detail = "No such URL; the API lives under /api/v1 and is described at /docs."
+        detail = f"No such URL; the API lives under {API_PREFIX} and is described at /docs."
     return _json(
         exc.status_code,
         codes.get(exc.status_code, "http_error"),

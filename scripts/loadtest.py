@@ -50,6 +50,9 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# After the checkout is on the path (the script runs without installing the project).
+from api.urls import api_path  # noqa: E402
+
 BENCHMARK = "digits"
 BASELINES = ("digits-standard", "digits-augmentation", "digits-worst-of-10")
 
@@ -171,14 +174,14 @@ def submit(service: Service, token: str, name: str) -> str:
                  f'filename="{name}.safetensors"\r\nContent-Type: application/octet-stream'
                  f"\r\n\r\n".encode() + weights + b"\r\n")  # fmt: skip
     parts.append(f"--{boundary}--\r\n".encode())
-    answer = _request(f"{service.url}/api/v1/submissions", token, b"".join(parts),
+    answer = _request(service.url + api_path("/submissions"), token, b"".join(parts),
                       f"multipart/form-data; boundary={boundary}")  # fmt: skip
     return str(answer["id"])
 
 
 def running_id(service: Service, token: str, ids: list[str]) -> str | None:
     for submission_id in ids:
-        state = _request(f"{service.url}/api/v1/submissions/{submission_id}", token)
+        state = _request(service.url + api_path(f"/submissions/{submission_id}"), token)
         if state["status"] == "running" and state.get("phase"):
             return submission_id
     return None
@@ -344,14 +347,15 @@ def main() -> None:
         if followed is None:
             raise SystemExit("no evaluation started within 120 s; see " + str(service.log.name))
         print(f"evaluation {followed} is running; measuring", flush=True)
-        status = f"/api/v1/submissions/{followed}"
+        status = api_path(f"/submissions/{followed}")
+        board = api_path(f"/leaderboard/{BENCHMARK}")
         phases = [
             Phase(f"GET {status[:22]}...{{id}}", [status]),
-            Phase(f"GET /api/v1/leaderboard/{BENCHMARK}", [f"/api/v1/leaderboard/{BENCHMARK}"]),
+            Phase(f"GET {board}", [board]),
             Phase(f"GET /leaderboard/{BENCHMARK}", [f"/leaderboard/{BENCHMARK}"]),
             Phase(
                 "all three, mixed",
-                [status, f"/api/v1/leaderboard/{BENCHMARK}", f"/leaderboard/{BENCHMARK}"],
+                [status, board, f"/leaderboard/{BENCHMARK}"],
             ),  # fmt: skip
         ]
         for phase in phases:

@@ -29,6 +29,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from api.urls import api_path
+
 app = typer.Typer(no_args_is_help=True)
 console = Console(stderr=True)
 out = Console()
@@ -143,12 +145,12 @@ def submit_model(
         task = bar.add_task("upload", total=size)
         reader = _ProgressReader(fh, lambda n: bar.advance(task, n))
         files = {"file": (path.name, reader, "application/octet-stream")}
-        return check(client.post("/api/v1/submissions", data=fields, files=files))  # type: ignore[arg-type]
+        return check(client.post(api_path("/submissions"), data=fields, files=files))  # type: ignore[arg-type]
 
 
 def get_status(conn: Connection, submission_id: str) -> dict[str, Any]:
     with conn.client() as client:
-        return check(client.get(f"/api/v1/submissions/{submission_id}"))
+        return check(client.get(api_path(f"/submissions/{submission_id}")))
 
 
 def wait_for(conn: Connection, submission_id: str, poll_s: float = 2.0) -> dict[str, Any]:
@@ -289,7 +291,7 @@ def submit(
         answer = submit_model(conn, model, form)
         verb = "already submitted as" if answer.get("duplicate") else "submitted"
         out.print(f"{verb} {answer['id']}  status: {answer.get('status')}")
-        status_url = answer.get("status_url") or f"{conn.url}/api/v1/submissions/{answer['id']}"
+        status_url = answer.get("status_url") or conn.url + api_path(f"/submissions/{answer['id']}")
         out.print(f"follow it: curl {status_url}")
         if wait:
             state = wait_for(conn, answer["id"])
@@ -336,7 +338,7 @@ def cancel(
     conn = connection(url, token)
     try:
         with conn.client() as client:
-            state = check(client.post(f"/api/v1/submissions/{submission_id}/cancel"))
+            state = check(client.post(api_path(f"/submissions/{submission_id}/cancel")))
     except (ClientError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
     out.print(f"{submission_id}: {state.get('status')}")
@@ -374,7 +376,7 @@ def leaderboard(
     params = {"sort": sort, **({"format": "csv"} if csv else {})}
     try:
         with conn.client() as client:
-            body = check(client.get(f"/api/v1/leaderboard/{benchmark}", params=params))
+            body = check(client.get(api_path(f"/leaderboard/{benchmark}"), params=params))
     except (ClientError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
     if csv:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from api.urls import api_path
 from spatialbench.client import Connection, check, submit_model
 from spatialbench.serve import _err, apply_state_dir, local_token, start_embedded, usage
 from spatialbench.settings import Settings
@@ -83,7 +84,7 @@ def follow(conn: Connection, ids: list[str], poll_s: float = 2.0) -> list[dict[s
     last: dict[str, str] = {}
     with conn.client() as client:
         while True:
-            states = [check(client.get(f"/api/v1/submissions/{i}")) for i in ids]
+            states = [check(client.get(api_path(f"/submissions/{i}"))) for i in ids]
             for state in states:
                 progress = float(state.get("progress") or 0)
                 line = f"{state['status']} {state.get('phase') or ''} {progress:.0%}"

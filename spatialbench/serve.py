@@ -30,6 +30,7 @@ from typing import Annotated
 
 import typer
 
+from api.urls import API_PREFIX
 from spatialbench.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True)
@@ -126,6 +127,7 @@ def local_token(settings: Settings, name: str = LOCAL_USER) -> str:
 
 def usage(base: str, token: str, benchmark: str = "digits") -> str:
     """The curl session to print: submit a model, follow it, read the leaderboard."""
+    api = base + API_PREFIX
     return f"""\
 SpatialBench is running at {base}  (API docs: {base}/docs)
 
@@ -136,13 +138,13 @@ Submit a model (safetensors weights of a registry architecture, or a torch.expor
   curl -sS -H "Authorization: Bearer $TOKEN" \\
        -F file=@model.safetensors -F display_name="My CNN" \\
        -F benchmark={benchmark} -F architecture=small_cnn \\
-       {base}/api/v1/submissions
+       {api}/submissions
 
 Follow it (status, phase, progress, ETA; the metrics once finished):
-  curl -sS {base}/api/v1/submissions/ID -H "Authorization: Bearer $TOKEN"
+  curl -sS {api}/submissions/ID -H "Authorization: Bearer $TOKEN"
 
 The leaderboard:
-  curl -sS {base}/api/v1/leaderboard/{benchmark}
+  curl -sS {api}/leaderboard/{benchmark}
 
 Press Ctrl-C to stop.
 """

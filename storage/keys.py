@@ -9,10 +9,19 @@ local backend's staging folder, and it reads the same as a file path and as an S
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from storage.errors import InvalidKeyError
 
-__all__ = ["validate_key", "validate_prefix", "model_key", "example_key", "shard_result_key"]
+__all__ = [
+    "EXAMPLE_NAME",
+    "example_key",
+    "example_name",
+    "model_key",
+    "shard_result_key",
+    "validate_key",
+    "validate_prefix",
+]
 
 MAX_KEY_LENGTH = 1024  # S3's limit on a key, in bytes (keys here are ASCII)
 _SEGMENT = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9_.=-]*")
@@ -55,9 +64,27 @@ def model_key(sha256: str) -> str:
     return f"{sha256[:2]}/{sha256}"
 
 
+# The names the worker gives example images: ``NN_original`` and ``NN_transformed``.
+EXAMPLE_NAME = re.compile(r"[0-9]{2}_(original|transformed)")
+_EXAMPLES = "examples"
+
+
 def example_key(submission_id: str, name: str) -> str:
     """An example image of an evaluation (``examples/<id>/<name>.png``, as the pages read it)."""
-    return validate_key(f"examples/{submission_id}/{name}.png")
+    return validate_key(f"{_EXAMPLES}/{submission_id}/{name}.png")
+
+
+def example_name(submission_id: str, key: Any) -> str | None:
+    """The name of the example image ``key`` of ``submission_id`` (the inverse of
+    `example_key`), or None for anything else: another submission's key, another layout, a
+    name the worker does not give (a stored record is only trusted this far)."""
+    if not isinstance(key, str):
+        return None
+    prefix, suffix = f"{_EXAMPLES}/{submission_id}/", ".png"
+    if not key.startswith(prefix) or not key.endswith(suffix):
+        return None
+    name = key[len(prefix) : -len(suffix)]
+    return name if EXAMPLE_NAME.fullmatch(name) else None
 
 
 def shard_result_key(submission_id: str, shard: int) -> str:

@@ -31,6 +31,7 @@ from api.services.leaderboard import (
     default_order,
     leaderboard,
 )
+from api.urls import api_path
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.vocabulary import TrainingMethod
 
@@ -211,7 +212,7 @@ def _render_leaderboard(
         per_page=query.per_page,
     )
     path = f"/leaderboard/{spec.name}"
-    api_path = f"/api/v1/leaderboard/{spec.name}"
+    board_api_path = api_path(f"/leaderboard/{spec.name}")
     architectures = sorted(
         set(benchmark_public(spec).architectures)
         | ({query.architecture} if query.architecture else set())
@@ -228,8 +229,8 @@ def _render_leaderboard(
             "board": board,
             "path": path,
             "best": _best_values(session, spec.name, query, board),
-            "json_url": query.url(api_path, full=True),
-            "csv_url": query.url(api_path, full=True) + "&format=csv",
+            "json_url": query.url(board_api_path, full=True),
+            "csv_url": query.url(board_api_path, full=True) + "&format=csv",
             "architectures": architectures,
             "training_methods": list(TrainingMethod),
             "first": (board.page - 1) * board.per_page + 1,

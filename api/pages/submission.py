@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from typing import Any
 
 import jinja2
@@ -24,8 +23,9 @@ from db.models import Evaluation, Submission, SubmissionStatus
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError
 from storage import ObjectNotFoundError, example_key
+from storage.keys import EXAMPLE_NAME, example_name
 
-__all__ = ["router"]
+__all__ = ["example_url", "router"]
 
 # How often the progress script asks the API, and the no-JavaScript page refresh.
 POLL_INTERVAL_S = 3
@@ -34,7 +34,7 @@ REFRESH_S = 10
 router = APIRouter(include_in_schema=False)
 log = logging.getLogger(__name__)
 
-_EXAMPLE_NAME = re.compile(r"^[0-9]{2}_(original|transformed)$")
+EXAMPLE_ROUTE = "/submissions/{submission_id}/examples/{name}.png"
 
 
 def _finished_evaluation(submission: Submission) -> Evaluation | None:
@@ -44,17 +44,15 @@ def _finished_evaluation(submission: Submission) -> Evaluation | None:
     return None
 
 
+def example_url(submission_id: str, name: str) -> str:
+    """The page's URL of the example image ``name`` (served by `example_image`)."""
+    return EXAMPLE_ROUTE.format(submission_id=submission_id, name=name)
+
+
 def _example_url(submission: Submission, stored: Any) -> str | None:
-    """The page's URL of an example image the worker stored as ``examples/<id>/NAME.png``."""
-    if not isinstance(stored, str):
-        return None
-    prefix = f"examples/{submission.id}/"
-    if not stored.startswith(prefix) or not stored.endswith(".png"):
-        return None
-    name = stored[len(prefix) : -len(".png")]
-    if not _EXAMPLE_NAME.match(name):
-        return None
-    return f"/submissions/{submission.id}/examples/{name}.png"
+    """The page's URL of an example image the worker stored under `example_key`."""
+    name = example_name(submission.id, stored)
+    return None if name is None else example_url(submission.id, name)
 
 
 def _examples(submission: Submission, evaluation: Evaluation) -> list[dict[str, Any]]:
@@ -309,14 +307,14 @@ def fool_histogram_plot(request: Request, submission_id: str, session: SessionDe
     return _plot(request, session, submission_id, "fool-histogram", draw)
 
 
-@router.get("/submissions/{submission_id}/examples/{name}.png")
+@router.get(EXAMPLE_ROUTE)
 def example_image(
     submission_id: str, name: str, session: SessionDep, storage: StorageDep
 ) -> Response:
     """An example image, only by a name this evaluation lists (nothing else in storage is
     reachable: the name is checked against a strict pattern and against the record),
     streamed from the storage the worker put it in."""
-    if not _EXAMPLE_NAME.match(name):
+    if not EXAMPLE_NAME.fullmatch(name):
         raise PageNotFound("There is no such example image.")
     submission = find_submission(session, submission_id)
     evaluation = _finished_evaluation(submission)

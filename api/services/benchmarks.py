@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 
 from api.schemas import ArchitecturePublic, BenchmarkPublic
+from api.urls import api_path
 from evaluator.benchmarks import BenchmarkSpec, load_benchmark_file
 from evaluator.benchmarks import get_benchmark as _get_benchmark
 from evaluator.benchmarks import list_benchmarks as _list_benchmarks
@@ -59,7 +60,7 @@ def benchmark_public(spec: BenchmarkSpec, base_url: str = "") -> BenchmarkPublic
     return BenchmarkPublic(
         **spec.to_dict(),
         architectures=[a.name for a in list_architectures() if fits(a, spec)],
-        leaderboard_url=f"{base_url}/api/v1/leaderboard/{spec.name}",
+        leaderboard_url=base_url + api_path(f"/leaderboard/{spec.name}"),
     )
 
 

@@ -32,6 +32,7 @@ from api.services.uploads import (
     discard,
     store_file,
 )
+from api.urls import api_path
 from db import lifecycle
 from db.lifecycle import CancelOutcome
 from db.models import Evaluation, Resubmission, Submission, SubmissionStatus, User, utcnow
@@ -137,7 +138,8 @@ def check_caps(
     if used.active >= concurrent:
         raise RateLimited(
             f"You have {used.active} submissions queued or running, the limit is {concurrent}. "
-            "Submit again when one of them has finished (GET /api/v1/submissions?status=queued "
+            "Submit again when one of them has finished "
+            f"(GET {api_path('/submissions?status=queued')} "
             "lists them), or cancel one.",
             retry_after_s=CONCURRENT_RETRY_S,
         )
@@ -386,7 +388,7 @@ def _refresh_columns(session: Session, submission: Submission) -> None:
 
 
 def status_url(submission_id: str, base_url: str = "") -> str:
-    return f"{base_url}/api/v1/submissions/{submission_id}"
+    return base_url + api_path(f"/submissions/{submission_id}")
 
 
 def _accuracy(evaluation: Evaluation, key: str) -> float | None:

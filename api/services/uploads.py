@@ -30,6 +30,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import BadRequest, IncompatibleArchitecture, InvalidInput, UploadTooLarge
 from api.services.benchmarks import fits
+from api.urls import api_path
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.models.loading import (
     ModelFormat,
@@ -249,8 +250,8 @@ def check_architecture_fits(arch: ArchitectureSpec, benchmark: BenchmarkSpec) ->
         raise IncompatibleArchitecture(
             f"Architecture {arch.name!r} takes {have[0]}x{have[1]}x{have[2]} inputs but "
             f"benchmark {benchmark.name!r} has {want[0]}x{want[1]}x{want[2]} images. Pick an "
-            "architecture for this benchmark (GET /api/v1/benchmarks lists them), or upload "
-            "a torch.export archive (.pt2) of your model instead."
+            f"architecture for this benchmark (GET {api_path('/benchmarks')} lists them), or "
+            "upload a torch.export archive (.pt2) of your model instead."
         )
 
 
@@ -276,7 +277,8 @@ def check_model_file(
         if not architecture:
             raise InvalidInput(
                 "safetensors files hold weights only: give the architecture they belong to "
-                "in the form field 'architecture' (GET /api/v1/architectures lists them), or "
+                "in the form field 'architecture' "
+                f"(GET {api_path('/architectures')} lists them), or "
                 "upload a torch.export archive (.pt2) instead."
             )
         arch = get_architecture(architecture)
