@@ -87,14 +87,18 @@ class Tiny(torch.nn.Module):
         return self.head(self.conv(x).relu().mean(dim=(2, 3)))
 
 
+def tiny_archive(path: Path) -> Path:
+    """`Tiny` exported with a dynamic batch, as a user would upload it."""
+    program = torch.export.export(
+        Tiny().eval(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, str(path))
+    return path
+
+
 def test_evaluate_an_export_archive_on_an_imagefolder(tmp_path: Path) -> None:
     folder = make_imagefolder(tmp_path / "images")
-    model_path = tmp_path / "tiny.pt2"
-    example = (torch.rand(2, 3, 16, 16),)
-    program = torch.export.export(
-        Tiny().eval(), example, dynamic_shapes=({0: torch.export.Dim("batch")},)
-    )
-    torch.export.save(program, str(model_path))
+    model_path = tiny_archive(tmp_path / "tiny.pt2")
     out = tmp_path / "r.json"
     result = runner.invoke(
         app,
@@ -113,11 +117,7 @@ def test_evaluate_an_export_archive_on_an_imagefolder(tmp_path: Path) -> None:
 
 def test_imagefolder_does_not_run_the_full_grid_on_every_image(tmp_path: Path) -> None:
     folder = make_imagefolder(tmp_path / "images", per_class=60)
-    model_path = tmp_path / "tiny.pt2"
-    program = torch.export.export(
-        Tiny().eval(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)
-    )
-    torch.export.save(program, str(model_path))
+    model_path = tiny_archive(tmp_path / "tiny.pt2")
     out = tmp_path / "r.json"
     result = runner.invoke(
         app,
