@@ -7,19 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from db.models import SubmissionStatus, utcnow
-from evaluator.attacks import Classifier
-from evaluator.benchmarks import get_benchmark
-from evaluator.data import load_dataset, resolve_benchmark
-from evaluator.evaluate import EvalOptions, evaluate
-from evaluator.models.loading import load_model
 from tests.api.conftest import Account
 from tests.api.factories import create_submission
 from tests.fixtures_db import TestDatabase
-from tests.worker.helpers import small_cnn_file
+from tests.worker.helpers import digits_result
 from worker.result_bounds import check_result
 from worker.runner import evaluation_from_result
 
@@ -28,13 +22,8 @@ HTML = {"Accept": "text/html"}
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    model = small_cnn_file(tmp_path_factory.mktemp("m") / "m.safetensors")
-    torch.set_num_threads(1)
-    spec = resolve_benchmark(get_benchmark("digits"), load_dataset(get_benchmark("digits")))
-    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
-    dataset = load_dataset(spec)
     # The digits defaults: every vote attacker, first-order and the ablations.
-    return evaluate(classifier, dataset, spec, EvalOptions(limit=4)).to_dict()
+    return digits_result(tmp_path_factory.mktemp("m"), limit=4)
 
 
 @pytest.fixture(name="stored")

@@ -49,6 +49,24 @@ def small_cnn_file(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def digits_result(folder: Path, **options: Any) -> dict[str, Any]:
+    """A real evaluation of a randomly initialised ``small_cnn`` on the digits benchmark, as
+    ``EvaluationResult.to_dict()`` gives it (``options`` go to ``EvalOptions``; the
+    benchmark's defaults otherwise)."""
+    from evaluator.attacks import Classifier
+    from evaluator.benchmarks import get_benchmark
+    from evaluator.data import load_dataset, resolve_benchmark
+    from evaluator.evaluate import EvalOptions, evaluate
+    from evaluator.models.loading import load_model
+
+    model = small_cnn_file(folder / "m.safetensors")
+    torch.set_num_threads(1)
+    dataset = load_dataset(get_benchmark("digits"))
+    spec = resolve_benchmark(get_benchmark("digits"), dataset)
+    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
+    return evaluate(classifier, dataset, spec, EvalOptions(**options)).to_dict()
+
+
 def trained_small_cnn_file(path: Path, epochs: int = 2) -> Path:
     """``small_cnn`` trained briefly on digits (about 85% natural accuracy, a few CPU-seconds):
     a model the grid attack fools quickly, as it fools standard models."""

@@ -8,27 +8,15 @@ import copy
 from typing import Any
 
 import pytest
-import torch
 
-from evaluator.attacks import Classifier
-from evaluator.benchmarks import get_benchmark
-from evaluator.data import load_dataset, resolve_benchmark
-from evaluator.evaluate import EvalOptions, evaluate
-from evaluator.models.loading import load_model
-from tests.worker.helpers import small_cnn_file
+from tests.worker.helpers import digits_result
 from worker.result_bounds import ResultRejected, check_result
 
 
 @pytest.fixture(scope="module")
 def full_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    model = small_cnn_file(tmp_path_factory.mktemp("m") / "m.safetensors")
-    torch.set_num_threads(1)
-    spec = get_benchmark("digits")
-    dataset = load_dataset(spec)
-    spec = resolve_benchmark(spec, dataset)
-    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
     # The benchmark's defaults: every vote protocol, first-order and all ablations.
-    return evaluate(classifier, dataset, spec, EvalOptions(limit=3)).to_dict()
+    return digits_result(tmp_path_factory.mktemp("m"), limit=3)
 
 
 def _tampered(result: dict[str, Any], change: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from evaluator.data import load_dataset, resolve_benchmark
 from evaluator.errors import ModelNotDifferentiableError
 from evaluator.evaluate import EvalOptions, evaluate
 from evaluator.models.loading import load_model
-from tests.worker.helpers import ROOT, export_file, small_cnn_file
+from tests.worker.helpers import ROOT, digits_result, export_file, small_cnn_file
 from worker.channel import RemoteModel
 from worker.messages import ModelProcessConfig
 from worker.model_process import LocalModelProcess
@@ -347,14 +347,9 @@ def test_a_model_without_gradients_raises_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def real_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    model = small_cnn_file(tmp_path_factory.mktemp("m") / "m.safetensors")
-    torch.set_num_threads(1)
-    spec = get_benchmark("digits")
-    dataset = load_dataset(spec)
-    spec = resolve_benchmark(spec, dataset)
-    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
-    options = EvalOptions(limit=4, metrics=frozenset({"natural", "grid"}))  # type: ignore[arg-type]
-    return evaluate(classifier, dataset, spec, options).to_dict()
+    return digits_result(
+        tmp_path_factory.mktemp("m"), limit=4, metrics=frozenset({"natural", "grid"})
+    )
 
 
 def _tampered(result: dict[str, Any], change: Any) -> dict[str, Any]:
