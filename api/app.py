@@ -19,8 +19,8 @@ from api.pages import install_pages
 from api.routes import catalog, leaderboard, ops, submissions
 from api.services.leaderboard import BoardCache
 from api.urls import API_PREFIX
+from config.settings import Settings, get_settings
 from db.session import Database
-from spatialbench.settings import Settings, get_settings
 from storage import storage_from_settings
 from worker.queue import Producer
 

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.services.users import create_token, create_user, get_user, revoke_token
+from config.settings import Settings, get_settings
 from db.models import ApiToken, User
 from db.session import session_scope
-from spatialbench.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True)
 users_app = typer.Typer(help="Users of the API and their limits.", no_args_is_help=True)

@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 from api.errors import Unauthorized
 from api.services.submissions import get_submission
 from api.services.users import authenticate
+from config.settings import Settings
 from db.models import Submission, User
 from db.session import Database, transaction
-from spatialbench.settings import Settings
 from storage import Storage
 
 __all__ = [

@@ -64,7 +64,7 @@ CLAIM_CANDIDATES = 20
 
 
 class LifecycleSettings(Protocol):
-    """What the transitions need of the settings (``spatialbench.settings.Settings`` fits)."""
+    """What the transitions need of the settings (``config.settings.Settings`` fits)."""
 
     heartbeat_timeout_s: float
     max_attempts: int

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from spatialbench.settings import Settings
+from config.settings import Settings
 
 __all__ = [
     "Database",
@@ -174,15 +174,11 @@ _databases: dict[str, Database] = {}
 
 
 @contextmanager
-def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+def session_scope(settings: Settings) -> Iterator[Session]:
     """``transaction`` on this process's database, for scripts, commands and workers.
 
     One engine per database URL per process, made on first use (after a fork, in the child).
     """
-    if settings is None:
-        from spatialbench.settings import get_settings
-
-        settings = get_settings()
     assert settings.database_url is not None
     database = _databases.get(settings.database_url)
     if database is None:

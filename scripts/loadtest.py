@@ -69,11 +69,11 @@ def free_port() -> int:
 def seed(state_dir: Path, rows: int) -> None:
     """``rows`` finished public submissions with made-up metrics, in the state folder's
     database (schema by the migrations, as serve makes it)."""
+    from config.settings import Settings
     from db.models import Evaluation, Submission, SubmissionStatus, User
     from db.session import session_scope
     from evaluator.vocabulary import ModelFormat
     from spatialbench.serve import prepare_state
-    from spatialbench.settings import Settings
 
     settings = Settings(_env_file=None, state_dir=state_dir)  # type: ignore[call-arg]
     prepare_state(settings)

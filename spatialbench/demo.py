@@ -16,9 +16,9 @@ from typing import Annotated, Any
 import typer
 
 from api.urls import api_path
+from config.settings import Settings
 from spatialbench.client import Connection, check, submit_model
 from spatialbench.serve import _err, apply_state_dir, local_token, start_embedded, usage
-from spatialbench.settings import Settings
 
 app = typer.Typer(no_args_is_help=True)
 

@@ -31,7 +31,7 @@ from typing import Annotated
 import typer
 
 from api.urls import API_PREFIX
-from spatialbench.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -326,9 +326,9 @@ def worker_main() -> None:
         target=_kill_group_when_closed, args=(fd,), name="serve-lifeline", daemon=True
     ).start()
     os.nice(WORKER_NICENESS)
-    from spatialbench.cli import main
+    from worker.cli import app as worker_app
 
-    main()
+    worker_app()
 
 
 def stop_worker(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT_S) -> None:

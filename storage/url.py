@@ -12,7 +12,7 @@ from storage.local import LocalStorage
 from storage.s3 import S3Credentials, S3Storage
 
 if TYPE_CHECKING:
-    from spatialbench.settings import Settings
+    from config.settings import Settings
 
 __all__ = ["open_storage", "storage_from_settings"]
 

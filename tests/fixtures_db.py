@@ -29,9 +29,9 @@ import pytest
 from sqlalchemy import Connection, Engine, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db.migrate import upgrade
 from db.session import Database, make_engine, make_sessionmaker
-from spatialbench.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_SCRIPT = ROOT / "scripts" / "postgres.sh"

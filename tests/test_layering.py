@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("evaluator", "worker", "api", "db", "storage", "spatialbench")
-SETTINGS = "spatialbench.settings"
+PACKAGES = ("config", "evaluator", "worker", "api", "db", "storage", "spatialbench")
+SETTINGS = "config.settings"
 # The one module of `worker` the API may load: it publishes a task's id to the broker.
 WORKER_LEAF_FOR_API = "worker.queue"
 
@@ -221,22 +221,8 @@ class KnownCycle(AssertionError):
 
 
 # package -> (its known cycles, each as the set of modules in it; the reason)
-KNOWN_MODULE_CYCLES: dict[str, tuple[list[frozenset[str]], str]] = {
-    "spatialbench": (
-        [frozenset({"spatialbench.cli", "spatialbench.demo", "spatialbench.serve"})],
-        "spatialbench.serve.worker_main -> spatialbench.cli -> spatialbench.serve (and "
-        "spatialbench.demo): the embedded worker starts through the whole command rather "
-        "than worker.cli's app",
-    ),
-}
-KNOWN_PACKAGE_CYCLES: list[frozenset[str]] = [
-    frozenset({"spatialbench", "api", "db", "worker"}),
-]
-PACKAGE_CYCLE_REASON = (
-    "spatialbench -> api/db/worker -> spatialbench: the settings live in spatialbench "
-    "(spatialbench.settings), next to the commands that import every package; settings "
-    "belong in a bottom layer"
-)
+KNOWN_MODULE_CYCLES: dict[str, tuple[list[frozenset[str]], str]] = {}
+KNOWN_PACKAGE_CYCLES: list[frozenset[str]] = []
 
 
 def check_cycles(found: list[set[str]], known: list[frozenset[str]], report: str) -> None:
@@ -269,7 +255,6 @@ def test_no_import_cycle_between_modules_of_a_package(package: str) -> None:
     check_cycles(found, KNOWN_MODULE_CYCLES.get(package, ([], ""))[0], report)
 
 
-@pytest.mark.xfail(strict=True, raises=KnownCycle, reason=PACKAGE_CYCLE_REASON)
 def test_no_import_cycle_between_packages() -> None:
     edges = [(package_of(e.source), package_of(e.target)) for e in GRAPH]
     found = strongly_connected(PACKAGES, [(a, b) for a, b in edges if a != b])
@@ -321,9 +306,9 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(f"{package}.")
 
 
-# Importing spatialbench.settings runs spatialbench/__init__.py first, and worker.queue runs
+# Importing config.settings runs config/__init__.py first, and worker.queue runs
 # worker/__init__.py: both empty, so allowing them allows nothing more.
-_SETTINGS = ("spatialbench", SETTINGS)
+_SETTINGS = ("config", SETTINGS)
 RULES = [
     Rule("evaluator", (), "the science imports none of api, worker, db, storage, spatialbench"),
     Rule("worker", ("evaluator.*", "db.*", "storage.*", *_SETTINGS), "worker imports no api"),
@@ -338,7 +323,7 @@ RULES = [
         "db sits below the api and the worker (it stores the evaluator's vocabulary)",
     ),
     Rule("storage", _SETTINGS, "storage imports nothing of the project but settings"),
-    Rule(SETTINGS, ("spatialbench",), "the settings are the bottom layer"),
+    Rule("config", (), "the settings are the bottom layer: they import nothing of the project"),
     Rule(WORKER_LEAF_FOR_API, ("worker", *_SETTINGS), "the API's leaf of worker stays a leaf"),
 ]
 
@@ -414,17 +399,9 @@ def _names_used(path: Path) -> set[str]:
     return names | {a.name for n in _runtime_imports(tree) for a in n.names}
 
 
-def _settings_takers() -> list[object]:
+def _settings_takers() -> list[Path]:
     paths = sorted((ROOT / "api" / "services").glob("*.py")) + [ROOT / "db" / "session.py"]
-    fallback = pytest.mark.xfail(
-        strict=True,
-        reason="db/session.py falls back to get_settings() when no settings are passed",
-    )
-    return [
-        pytest.param(p, marks=fallback) if p.name == "session.py" else p
-        for p in paths
-        if p.name != "__init__.py"
-    ]
+    return [p for p in paths if p.name != "__init__.py"]
 
 
 @pytest.mark.parametrize("path", _settings_takers(), ids=lambda p: str(p.relative_to(ROOT)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from spatialbench.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 from worker.queue import EVALUATE_TASK, QUEUE, transport_options
 
 __all__ = ["EVALUATE_TASK", "QUEUE", "app", "create_celery"]

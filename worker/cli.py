@@ -54,8 +54,8 @@ def run_worker(
 def run_reaper() -> None:
     """Re-queue (or fail, after too many attempts) jobs whose worker stopped responding, and
     publish again queued jobs whose message may be lost."""
+    from config.settings import get_settings
     from db.session import Database
-    from spatialbench.settings import get_settings
     from worker.queue import Producer
     from worker.reaper import reap_once
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from spatialbench.settings import Settings
+from config.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db import lifecycle
 from db.models import utcnow
 from db.session import transaction
-from spatialbench.settings import Settings
 
 log = logging.getLogger(__name__)
 

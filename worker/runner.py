@@ -42,11 +42,11 @@ from tenacity import (
     wait_exponential,
 )
 
+from config.settings import Settings
 from db import lifecycle
 from db.lifecycle import Claim, FinishOutcome, JobConfig, RunState
 from db.models import Evaluation, Submission, utcnow
 from db.session import transaction
-from spatialbench.settings import Settings
 from storage import (
     LocalStorage,
     ObjectNotFoundError,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from celery import current_app
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from config.settings import Settings, get_settings
 from db.session import Database
-from spatialbench.settings import Settings, get_settings
 from storage import Storage, storage_from_settings
 from worker.queue import enqueue_evaluation
 from worker.reaper import ReaperThread

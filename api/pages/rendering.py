@@ -21,11 +21,11 @@ from api.errors import DatabaseUnavailable, NotFound
 from api.schemas import SortKey, as_utc
 from api.services.benchmarks import get_benchmark, list_benchmarks
 from api.services.submissions import get_submission
+from config.settings import Settings
 from db.models import Submission
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError
 from evaluator.vocabulary import TrainingMethod
-from spatialbench.settings import Settings
 
 __all__ = [
     "HTML_HEADERS",

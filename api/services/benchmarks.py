@@ -8,11 +8,11 @@ from pathlib import Path
 
 from api.schemas import ArchitecturePublic, BenchmarkPublic
 from api.urls import api_path
+from config.settings import Settings
 from evaluator.benchmarks import BenchmarkSpec, load_benchmark_file
 from evaluator.benchmarks import get_benchmark as _get_benchmark
 from evaluator.benchmarks import list_benchmarks as _list_benchmarks
 from evaluator.models.registry import ARCHITECTURES, ArchitectureSpec
-from spatialbench.settings import Settings
 
 __all__ = [
     "architecture_public",

@@ -33,6 +33,7 @@ from api.services.uploads import (
     store_file,
 )
 from api.urls import api_path
+from config.settings import Settings
 from db import lifecycle
 from db.lifecycle import CancelOutcome
 from db.models import Evaluation, Resubmission, Submission, SubmissionStatus, User, utcnow
@@ -40,7 +41,6 @@ from db.session import on_rollback
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.models.registry import get_architecture
 from evaluator.vocabulary import ModelFormat
-from spatialbench.settings import Settings
 from storage import Storage
 
 __all__ = [

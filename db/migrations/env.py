@@ -31,7 +31,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from spatialbench.settings import get_settings
+    from config.settings import get_settings
 
     settings_url = get_settings().database_url
     assert settings_url is not None

@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 from api.app import create_app
 from api.deps import get_enqueuer
+from config.settings import Settings
 from db.models import User
 from evaluator.models.architectures import small_cnn
-from spatialbench.settings import Settings
 from tests.api.factories import auth, create_token, create_user
 from tests.fixtures_db import (  # noqa: F401  (fixtures)
     TestDatabase,

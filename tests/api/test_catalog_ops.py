@@ -7,8 +7,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from config.settings import Settings
 from db.models import SubmissionStatus
-from spatialbench.settings import Settings
 from tests.api.conftest import Account
 from tests.api.factories import create_submission
 from tests.fixtures_db import TestDatabase

@@ -12,9 +12,9 @@ from sqlalchemy import inspect
 from typer.testing import CliRunner
 
 from api.app import create_app
+from config.settings import Settings, get_settings
 from db.session import make_engine
 from spatialbench.cli import app as cli
-from spatialbench.settings import Settings, get_settings
 from tests.api.factories import auth
 from tests.fixtures_db import create_postgres_database, postgres_server_url
 

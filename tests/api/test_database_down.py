@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from config.settings import Settings
 from db.migrate import upgrade
 from db.session import session_scope
-from spatialbench.settings import Settings
 from tests.api.conftest import ModelFiles
 from tests.api.factories import auth
 from tests.fixtures_db import _run_script

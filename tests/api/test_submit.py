@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.routes.submissions import MAX_OFFSET
+from config.settings import Settings
 from db.models import Submission, SubmissionStatus, utcnow
 from evaluator.vocabulary import ModelFormat, TrainingMethod
-from spatialbench.settings import Settings
 from tests.api.conftest import Account, Enqueued, ModelFiles, make_client, upload
 from tests.api.factories import create_submission
 from tests.fixtures_db import TestDatabase

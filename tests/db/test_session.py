@@ -8,10 +8,10 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
+from config.settings import Settings
 from db.migrate import upgrade
 from db.models import ApiToken, User
 from db.session import Database, make_engine, on_rollback, session_scope, transaction
-from spatialbench.settings import Settings
 from tests.fixtures_db import TestDatabase
 
 

@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from api.services.users import create_token, create_user
+from config.settings import Settings
 from db.models import Submission
 from db.session import transaction
-from spatialbench.settings import Settings
 from tests.worker.conftest import (  # noqa: F401  (fixtures)
     backend,
     benchmarks_file,

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db.models import Evaluation, SubmissionStatus
-from spatialbench.settings import Settings
 from storage import storage_from_settings
 from tests.faults.conftest import Api, PostgresServer, Workers, wait_for_row
 from tests.worker.helpers import small_cnn_file, wait_for

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db import lifecycle
 from db.models import SubmissionStatus, utcnow
-from spatialbench.settings import Settings
 from tests.faults.conftest import Api, Workers, row, wait_for_row
 from tests.worker.helpers import create_submission, small_cnn_file, wait_for
 

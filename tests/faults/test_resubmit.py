@@ -17,13 +17,13 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db.models import Evaluation, SubmissionStatus
 from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark, load_benchmark_file
 from evaluator.data import load_dataset, resolve_benchmark
 from evaluator.evaluate import EvalOptions, evaluate
 from evaluator.models.loading import load_model
-from spatialbench.settings import Settings
 from tests.faults.conftest import Api, Workers, wait_for_row, with_cont
 from tests.worker.helpers import QUICK_BENCHMARK, wait_for
 

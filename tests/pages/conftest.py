@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from config.settings import Settings
 from db.models import Evaluation, Submission, SubmissionStatus, utcnow
 from evaluator.vocabulary import TrainingMethod
-from spatialbench.settings import Settings
 from tests.api.conftest import Account, Enqueued, make_client
 from tests.api.factories import create_finished, create_submission, create_token, create_user
 from tests.fixtures_db import (  # noqa: F401  (fixtures)

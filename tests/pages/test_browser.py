@@ -27,6 +27,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db.migrate import upgrade
 from db.models import Evaluation, Submission, SubmissionStatus
 from db.session import make_engine
@@ -39,7 +40,6 @@ from scripts.screenshots import (
     plots_loaded,
     save_screenshot,
 )
-from spatialbench.settings import Settings
 from tests.api.factories import create_evaluation, create_finished, create_submission, create_user
 from tests.pages import seed
 

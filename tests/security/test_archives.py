@@ -24,6 +24,7 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
+from config.settings import Settings
 from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark
 from evaluator.errors import ModelFormatError
@@ -31,7 +32,6 @@ from evaluator.evaluate import EvalOptions, Metric, evaluate
 from evaluator.models import ModelFormat, check_export_archive, detect_format, load_export_model
 from evaluator.models.pt2 import strip_sample_inputs
 from evaluator.transforms import GridSpec, TransformBox
-from spatialbench.settings import Settings
 from tests.api.conftest import (  # noqa: F401  (fixtures)
     Account,
     alice,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spatialbench.settings import Settings
+from config.settings import Settings
 from storage import LocalStorage, example_key, model_key, open_storage
 
 SHA = "ab" + "0" * 62

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spatialbench.settings import Settings
+from config.settings import Settings
 from storage import (
     LocalStorage,
     S3Storage,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db.migrate import upgrade
 from db.session import make_engine, make_sessionmaker
-from spatialbench.settings import Settings
 from tests.fixtures_db import BACKENDS, create_postgres_database, postgres_server_url
 from tests.worker.helpers import QUICK_BENCHMARK_TOML, ROOT, trained_small_cnn_file
 

@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 from torch import Tensor, nn
 
+from config.settings import Settings
 from db.models import Submission, User
 from evaluator.vocabulary import ModelFormat
-from spatialbench.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

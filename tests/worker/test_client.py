@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from config.settings import Settings
 from spatialbench.client import app
-from spatialbench.settings import Settings
 from tests.worker.helpers import QUICK_BENCHMARK, free_port, settings_env, wait_for
 
 pytestmark = pytest.mark.timeout(600)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from spatialbench.settings import Settings
+from config.settings import Settings
 from storage import S3Storage, storage_from_settings
 from tests.worker.helpers import ROOT
 

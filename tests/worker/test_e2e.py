@@ -16,13 +16,13 @@ import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db.models import Evaluation, Submission, SubmissionStatus
 from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark, load_benchmark_file
 from evaluator.data import load_dataset, resolve_benchmark
 from evaluator.evaluate import EvalOptions, evaluate
 from evaluator.models.loading import ModelFormat, load_model
-from spatialbench.settings import Settings
 from tests.worker.helpers import (
     QUICK_BENCHMARK,
     WorkerProcess,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db.lifecycle import reap
 from db.models import Submission, SubmissionStatus, utcnow
-from spatialbench.settings import Settings
 from tests.worker.helpers import ROOT, create_submission, settings_env, small_cnn_file
 
 

@@ -10,6 +10,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db.lifecycle import claim as claim_submission
 from db.models import Evaluation, Submission, SubmissionStatus, utcnow
 from evaluator.attacks import Classifier
@@ -17,7 +18,6 @@ from evaluator.benchmarks import get_benchmark, load_benchmark_file
 from evaluator.data import load_dataset, resolve_benchmark
 from evaluator.evaluate import EvalOptions, evaluate
 from evaluator.models.loading import ModelFormat, load_model
-from spatialbench.settings import Settings
 from storage import storage_from_settings
 from tests.worker.helpers import (
     QUICK_BENCHMARK,

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from spatialbench.settings import Settings
+from config.settings import Settings
 from tests.worker.helpers import QUICK_BENCHMARK, ROOT, free_port, settings_env, wait_for
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.parametrize("backend", ["sqlite"])]

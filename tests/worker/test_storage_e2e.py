@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from api.services.users import create_token, create_user
+from config.settings import Settings
 from db.models import Evaluation, Submission, SubmissionStatus
 from db.session import transaction
-from spatialbench.settings import Settings
 from storage import LocalStorage, S3Storage, example_key, model_key, storage_from_settings
 from tests.storage.conftest import CREDENTIALS, new_bucket, s3_endpoint  # noqa: F401
 from tests.worker.helpers import QUICK_BENCHMARK, WorkerProcess, sha256, wait_for

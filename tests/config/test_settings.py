@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from spatialbench.settings import Environment, Settings
+from config.settings import Environment, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("evaluator", "worker", "api", "db", "storage", "spatialbench")
@@ -81,7 +81,7 @@ def _settings_read() -> set[str]:
     settings' own public properties and methods read (``migrate_on_start`` reads
     ``auto_migrate``)."""
     names: set[str] = set()
-    settings_py = ROOT / "spatialbench" / "settings.py"
+    settings_py = ROOT / "config" / "settings.py"
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             if path != settings_py:
@@ -107,4 +107,4 @@ def test_every_setting_is_read_somewhere(field: str) -> None:
     """A setting nothing reads is a knob that turns nothing (an attribute of that name is read
     somewhere in the project; a name shared with another object can hide one, never invent
     one)."""
-    assert field in READ | GUARD, f"nothing outside spatialbench/settings.py reads settings.{field}"
+    assert field in READ | GUARD, f"nothing outside config/settings.py reads settings.{field}"

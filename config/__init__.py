@@ -1,0 +1,1 @@
+"""The bottom layer: the service's settings, which every package may import."""
