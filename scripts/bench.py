@@ -40,17 +40,13 @@ from typing import Any
 
 import torch
 
-from evaluator.attacks import (
-    CandidateOrder,
-    Classifier,
-    grid_pair_predictor,
-    search_candidates,
-)
+from evaluator.attacks import Classifier, grid_pair_predictor
 from evaluator.benchmarks import get_benchmark
 from evaluator.data import load_dataset
 from evaluator.evaluate import EvalOptions, Metric, evaluate
 from evaluator.models import get_architecture
 from evaluator.models.loading import load_safetensors_model
+from evaluator.search import CandidateOrder, search_candidates
 from evaluator.transforms import FillMode, GridSpec, spatial_transform
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evaluator.attacks import Classifier  # noqa: E402
-from evaluator.data import digits_split  # noqa: E402
+from evaluator.dataset_readers import digits_split  # noqa: E402
 from evaluator.models.loading import load_model  # noqa: E402
 from worker.channel import RemoteModel  # noqa: E402
 from worker.messages import ModelProcessConfig  # noqa: E402

@@ -11,6 +11,10 @@ One embedded service per state folder: it holds an ``flock`` on ``STATE_DIR/serv
 its life (the worker inherits it), so a second ``serve`` on the same folder refuses to start,
 and a killed one frees it with its last process. Everything serve starts dies with it, even on
 ``kill -9``: the worker watches a pipe whose other end only serve holds.
+
+The module is about 400 lines on purpose: locking the state folder, migrating, starting the
+API and the worker, and stopping them all depend on each other's order, which reads best in
+one place; ``demo`` is the only other user of these steps.
 """
 
 from __future__ import annotations

@@ -4,14 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from evaluator.attacks import (
-    CandidateOrder,
-    Classifier,
-    grid_pair_predictor,
-    majority_vote,
-    search_candidates,
-)
+from evaluator.attacks import Classifier, grid_pair_predictor, majority_vote
 from evaluator.errors import ModelOutputError
+from evaluator.search import CandidateOrder, search_candidates
 from evaluator.transforms import FillMode, GridSpec, TransformBox, spatial_transform
 from tests.evaluator.helpers import self_labelled, tiny_cnn
 

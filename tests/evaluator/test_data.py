@@ -20,12 +20,8 @@ from typer.testing import CliRunner
 from evaluator.benchmarks import BenchmarkSpec, DatasetKind, get_benchmark
 from evaluator.cli import DATA_DIR_ENV
 from evaluator.cli import app as cli_app
-from evaluator.data import (
-    dataset_help,
-    digits_split,
-    load_dataset,
-    resolve_benchmark,
-)
+from evaluator.data import dataset_help, load_dataset, resolve_benchmark
+from evaluator.dataset_readers import digits_split
 from evaluator.errors import DatasetMissingError
 
 CIFAR = get_benchmark("cifar10")

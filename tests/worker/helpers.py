@@ -71,7 +71,7 @@ def trained_small_cnn_file(path: Path, epochs: int = 2) -> Path:
     """``small_cnn`` trained briefly on digits (about 85% natural accuracy, a few CPU-seconds):
     a model the grid attack fools quickly, as it fools standard models."""
     from evaluator.benchmarks import get_benchmark
-    from evaluator.data import digits_split
+    from evaluator.dataset_readers import digits_split
     from evaluator.models.architectures import small_cnn
     from evaluator.train import train
 
