@@ -2,11 +2,16 @@
 
 Trusted code only: the benchmark's data, the transforms, the attacks, the votes, the metrics
 and the example images. It never opens the model file; the model is a `RemoteModel` whose
-logits (and gradients) come from the model process over ``REQUEST_FD``/``ANSWER_FD``. Started
-by `worker.sandbox` under bubblewrap with its job (`worker.messages.EvaluatorJob`) as JSON on
-stdin, it writes `worker.messages.Report` JSON lines to ``REPORT_FD``: a hello (with the
-number of classes, which the worker passes on to the model process), progress, and then one
-result or one error. Only this process's reports reach the leaderboard.
+logits (and gradients) come from the model process over ``REQUEST_FD``/``ANSWER_FD``.
+
+Started by `worker.sandbox` under bubblewrap, it reads JSON lines on stdin: its job
+(`worker.messages.EvaluatorJob`), then one `worker.messages.ShardRequest` per shard, and
+end of input when there are no more. It writes `worker.messages.Report` JSON lines to
+``REPORT_FD``: a hello (with the number of classes, which the worker passes on to the model
+process), then for each shard progress and one result (naming the shard, with that shard's
+example images in the output folder), or one error, after which it exits. The benchmark and
+the model are opened once for all the shards; each shard is a new `evaluate` call. Only this
+process's reports reach the leaderboard.
 """
 
 from __future__ import annotations
@@ -27,15 +32,16 @@ from worker.messages import (
     ErrorReport,
     EvaluatorJob,
     Example,
-    ExamplePoint,
     Hello,
     ProgressReport,
     ResultReport,
+    ShardRequest,
 )
 
-__all__ = ["Reporter", "eval_options", "main", "save_examples"]
+__all__ = ["Reporter", "eval_options", "main", "read_line", "run_session"]
 
-_MAX_JOB_BYTES = 1 << 20
+# The job's line and each shard's: a few hundred bytes.
+_MAX_LINE_BYTES = 1 << 20
 _PROGRESS_EVERY_S = 0.5
 
 
@@ -90,12 +96,12 @@ def pick_device(requested: str) -> Any:
 
 
 def eval_options(job: EvaluatorJob) -> Any:
-    """`EvalOptions(**job.options)`, with ``job.limit`` as the default limit. JSON has no sets
-    or ranges: ``metrics`` is a list of names, ``shard`` a ``[start, stop]`` pair."""
+    """`EvalOptions(**job.options)`, with ``job.limit`` as the default limit. JSON has no sets:
+    ``metrics`` is a list of names. ``shard`` is refused: each `ShardRequest` sets it."""
     from evaluator.evaluate import EvalOptions, Metric
 
     raw = dict(job.options or {})
-    known = {f.name for f in dataclasses.fields(EvalOptions)}
+    known = {f.name for f in dataclasses.fields(EvalOptions)} - {"shard"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise InvalidOptions(f"unknown evaluation options: {', '.join(unknown)}")
@@ -104,21 +110,24 @@ def eval_options(job: EvaluatorJob) -> Any:
     try:
         if raw.get("metrics") is not None:
             raw["metrics"] = frozenset(Metric(m) for m in raw["metrics"])
-        if raw.get("shard") is not None:
-            start, stop = raw["shard"]
-            raw["shard"] = range(int(start), int(stop))
         return EvalOptions(**raw)
     except (TypeError, ValueError) as exc:
         raise InvalidOptions(f"invalid evaluation options: {exc}") from exc
 
 
-def evaluate_job(job: EvaluatorJob, reporter: Reporter, client_channel: Any) -> None:
+def run_session(
+    job: EvaluatorJob, reporter: Reporter, client_channel: Any, requests: IO[bytes]
+) -> None:
+    """Open the benchmark and the remote model once, then evaluate each shard read from
+    ``requests`` (one `ShardRequest` line each, until end of input) as an evaluation of its
+    own, reporting its result and its example images before reading the next."""
     import torch
 
     from evaluator.attacks import Classifier
     from evaluator.benchmarks import get_benchmark, load_benchmark_file
     from evaluator.data import load_dataset, resolve_benchmark
     from evaluator.evaluate import evaluate
+    from evaluator.examples import save_examples
     from worker.channel import ModelClient, RemoteModel
 
     if job.threads:
@@ -149,95 +158,42 @@ def evaluate_job(job: EvaluatorJob, reporter: Reporter, client_channel: Any) -> 
         # The model process lays the batch out for the model; here it crosses as plain NCHW.
         channels_last=False,
     )
+    written: list[Path] = []
     try:
-        result = evaluate(classifier, dataset, spec, options, progress=reporter.progress)
-        examples: list[Example] = []
-        if job.output_dir and job.examples > 0:
-            examples = save_examples(
-                classifier, dataset, spec, result.per_image, Path(job.output_dir), job.examples
+        while (line := read_line(requests)) is not None:
+            request = ShardRequest.model_validate_json(line)
+            shard = range(request.start, request.stop)
+            reporter.last_phase = None
+            result = evaluate(
+                classifier,
+                dataset,
+                spec,
+                dataclasses.replace(options, shard=shard),
+                progress=reporter.progress,
             )
+            # The worker copied the last shard's images before it asked for this one; the
+            # names start at 00 again.
+            for path in written:
+                path.unlink(missing_ok=True)
+            examples: list[Example] = []
+            if job.output_dir and job.examples > 0:
+                out = Path(job.output_dir)
+                saved = save_examples(
+                    classifier, dataset, spec, result.per_image, out, job.examples
+                )
+                written = [out / name for e in saved for name in (e.original, e.transformed)]
+                examples = [Example.model_validate(e.to_dict()) for e in saved]
+            reporter.send(ResultReport(shard=request, result=result.to_dict(), examples=examples))
     finally:
         client.shutdown()
-    reporter.send(ResultReport(result=result.to_dict(), examples=examples))
 
 
-def _upscaled_png(image: Any, path: Path, min_size: int = 128) -> None:
-    import torch.nn.functional as F
-    from PIL import Image
-
-    h, w = image.shape[-2:]
-    factor = max(1, math.ceil(min_size / max(h, w)))
-    big = F.interpolate(image[None], scale_factor=factor, mode="nearest")[0]
-    array = (big.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    if array.shape[2] == 1:
-        array = array[:, :, 0]
-    Image.fromarray(array).save(path, format="PNG")
-
-
-def save_examples(
-    classifier: Any,
-    dataset: Any,
-    spec: Any,
-    per_image: dict[str, list[int]],
-    out: Path,
-    count: int,
-) -> list[Example]:
-    """Up to ``count`` images the grid attack fooled and a few it did not, as PNGs (original,
-    and transformed at the first fooling grid point, or at the grid's far corner for robust
-    ones) upscaled for display; returns their metadata."""
-    import torch
-
-    from evaluator.transforms import spatial_transform
-
-    robust = per_image.get("grid_robust", [])
-    natural_ok = [
-        p == lbl for p, lbl in zip(per_image["natural_pred"], per_image["label"], strict=True)
-    ]
-    fooled_rows = [i for i, r in enumerate(robust) if r == 0 and natural_ok[i]][:count]
-    robust_rows = [i for i, r in enumerate(robust) if r == 1][: max(1, count // 4)]
-    rows = fooled_rows + robust_rows
-    if not rows:
-        return []
-    out.mkdir(parents=True, exist_ok=True)
-    points = spec.grid.points()
-    corner = points.abs().sum(dim=1).argmax()
-    indices = torch.tensor([per_image["index"][i] for i in rows])
-    images, _labels = dataset.load(indices)
-    params = torch.stack(
-        [
-            points[per_image["grid_fool_point"][i]] if robust[i] == 0 else points[corner]
-            for i in rows
-        ]
-    )
-    moved = spatial_transform(images, params, spec.fill)
-    predictions, _ = classifier.predict(moved.to(classifier.device))
-    names = list(getattr(spec, "class_names", ()) or ())
-    examples = []
-    for n, row in enumerate(rows):
-        original, transformed = f"{n:02d}_original.png", f"{n:02d}_transformed.png"
-        _upscaled_png(images[n], out / original)
-        _upscaled_png(moved[n], out / transformed)
-        label, fool_pred = int(per_image["label"][row]), int(predictions[n])
-        theta, dx, dy = (float(v) for v in params[n])
-        examples.append(
-            Example(
-                index=int(per_image["index"][row]),
-                label=label,
-                pred=int(per_image["natural_pred"][row]),
-                fooled=robust[row] == 0,
-                point=ExamplePoint(theta=theta, dx=dx, dy=dy),
-                fool_pred=fool_pred,
-                original=original,
-                transformed=transformed,
-                label_name=(names[label] if label < len(names) else str(label))[:100]
-                if names
-                else None,
-                fool_pred_name=(names[fool_pred] if fool_pred < len(names) else "")[:100]
-                if names
-                else None,
-            )
-        )
-    return examples
+def read_line(stream: IO[bytes], limit: int = _MAX_LINE_BYTES) -> bytes | None:
+    """The next line of ``stream``, or None at its end; a line over ``limit`` is refused."""
+    line = stream.readline(limit + 1)
+    if len(line) > limit:
+        raise ValueError(f"a line over {limit} bytes on stdin")
+    return line or None
 
 
 def classify_error(exc: BaseException) -> tuple[ErrorCategory, str, str]:
@@ -267,14 +223,15 @@ def classify_error(exc: BaseException) -> tuple[ErrorCategory, str, str]:
 
 def main(argv: list[str]) -> int:
     answer_fd, request_fd, report_fd = (int(a) for a in argv[:3])
-    job = EvaluatorJob.model_validate_json(sys.stdin.buffer.read(_MAX_JOB_BYTES))
+    requests = sys.stdin.buffer
+    job = EvaluatorJob.model_validate_json(read_line(requests) or b"")
     apply_limits(open_files=job.open_files, file_bytes=job.file_bytes)
     reporter = Reporter(os.fdopen(report_fd, "wb", buffering=0))
     from worker.channel import FrameChannel
 
     channel = FrameChannel(answer_fd, request_fd)
     try:
-        evaluate_job(job, reporter, channel)
+        run_session(job, reporter, channel, requests)
     except BaseException as exc:  # report everything, including MemoryError
         try:
             category, error, message = classify_error(exc)

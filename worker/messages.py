@@ -4,7 +4,9 @@ Three processes take part in an evaluation (see `worker.sandbox`):
 
 - the **worker** (trusted) starts the other two and accepts results only from the evaluator;
 - the **evaluator process** (trusted code: data, transforms, attacks, metrics) never opens the
-  model file; it sends JSON lines (`Report`) to the worker;
+  model file; it reads its job (`EvaluatorJob`) and then one `ShardRequest` per line from the
+  worker, and sends JSON lines (`Report`) back: a hello, then progress and one result per
+  shard, or an error;
 - the **model process** opens the uploaded model and only answers tensor requests. It never
   sees labels, image indices or the report channel.
 
@@ -19,7 +21,7 @@ import struct
 from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 # --- Frames between the evaluator and the model process ---------------------------------------
 
@@ -100,7 +102,9 @@ class ModelProcessConfig(BaseModel):
 
 
 class EvaluatorJob(BaseModel):
-    """What to evaluate; paths are those inside the evaluator's sandbox."""
+    """What to evaluate, the first line on the evaluator's stdin; paths are those inside the
+    evaluator's sandbox. Which positions of the evaluation order to evaluate comes next, one
+    `ShardRequest` per line."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -111,7 +115,8 @@ class EvaluatorJob(BaseModel):
     batch_size: int = Field(default=512, ge=1)
     bf16: bool = False
     limit: int | None = Field(default=None, ge=1)
-    # Passed to `evaluator.evaluate.EvalOptions(**options)`; unknown keys are refused there.
+    # Passed to `evaluator.evaluate.EvalOptions(**options)`; unknown keys, and ``shard`` (which
+    # each `ShardRequest` sets), are refused there.
     options: dict[str, Any] | None = None
     examples: int = Field(default=0, ge=0, le=64)
     output_dir: str | None = None
@@ -119,6 +124,28 @@ class EvaluatorJob(BaseModel):
     memory_bytes: int | None = None
     open_files: int = 4096
     file_bytes: int = 2**30
+
+
+# Positions of the evaluation order a shard may name: far above any benchmark's images.
+MAX_POSITION = 2**31
+
+
+class ShardRequest(BaseModel):
+    """One shard to evaluate: the positions ``start`` to ``stop`` (exclusive) of the job's
+    fixed evaluation order (`evaluator.evaluate.EvalOptions.shard`). The worker sends one
+    JSON line per shard on the evaluator's stdin after the job's line; the evaluator answers
+    each with a result (which names the shard again) or an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: int = Field(ge=0, le=MAX_POSITION)
+    stop: int = Field(ge=0, le=MAX_POSITION)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShardRequest:
+        if self.stop < self.start:
+            raise ValueError("a shard's stop comes before its start")
+        return self
 
 
 # --- Reports (evaluator process -> worker), one JSON line each ---------------------------------
@@ -191,7 +218,10 @@ class ResultReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["result"] = "result"
-    # `EvaluationResult.to_dict()`; bounded against the benchmark by `worker.results`.
+    # The shard this result answers: the worker checks it is the one it asked for.
+    shard: ShardRequest
+    # `EvaluationResult.to_dict()` of that shard; bounded against the benchmark by
+    # `worker.result_bounds`.
     result: dict[str, Any]
     examples: list[Example] = Field(default_factory=list, max_length=64)
 

@@ -1,54 +1,65 @@
-"""Running an untrusted model: two processes under bubblewrap, limits and a deadline.
+"""Running an untrusted model: two sandboxed processes, limits and a deadline.
 
-`run_sandboxed` makes three pipes and starts two processes, handing each only its ends:
+`run_sandboxed_shards` makes three pipes and starts two processes once, handing each only its
+ends, then has them evaluate shard after shard (ranges of the job's fixed evaluation order)
+for as long as its caller hands out shards; `run_sandboxed` is one session of one shard.
 
 - the **model process** (`worker.model_process`) opens the uploaded model and answers logits
   (and input gradients) for the batches it is sent; it sees the model file, read-only, and
-  nothing of the data, the labels or the report channel;
+  nothing of the data, the labels or the report channel. It opens (and warms up) the model
+  once per session, whatever the number of shards.
 - the **evaluator process** (`worker.evaluator_process`) runs the trusted evaluator (data,
-  transforms, attacks, metrics, example images) against the model process and reports
-  progress and the result to this process. It never opens the model file.
+  transforms, attacks, metrics, example images) against the model process: one new
+  evaluation per shard it is sent on its stdin, each reported back with its result. It never
+  opens the model file.
 
-Only the evaluator's reports are read here, and its result is bounded against the benchmark
-(`worker.result_bounds`) before it is returned. Both processes run under bubblewrap (`bwrap`):
-new PID, network, IPC, UTS and mount namespaces and a user namespace; a root of their own
-with the interpreter, its site-packages and the project's ``evaluator`` and ``worker``
-packages read-only at their own paths; a private size-capped tmpfs for ``/tmp`` (their
-``HOME``); no view of the state directory, database, broker, storage, other jobs or
-secrets; ``--die-with-parent``, and the PID namespace takes any process they leave behind
-with it. When the worker runs as root they run as the unprivileged sandbox user (``nobody``):
-bubblewrap mounts as root, then ``setpriv`` drops to that user (no capabilities, no new
-privileges) before ``unshare --user`` and the interpreter start. There is no fallback to
-the worker's user: if the sandbox cannot start, the job fails (`SandboxFailure` "internal").
+Only the evaluator's reports are read here, and each shard's result is bounded against the
+benchmark (`worker.result_bounds`) before it is handed on. Both processes run under the
+bubblewrap profile of `worker.bwrap` (namespaces, a read-only root of their own, a private
+tmpfs, the unprivileged sandbox user when the worker is root). There is no fallback: if the
+sandbox cannot start, the job fails (`SandboxFailure` "internal").
 
 Limits and the deadline: each process caps its own open files, file sizes and (on the CPU)
-address space before it reads anything; this process kills both when the wall-clock deadline
-passes or ``tick`` says stop. This module imports neither torch nor the evaluator.
+address space before it reads anything; this process kills both when a shard's wall-clock
+deadline passes, when ``tick`` says stop, or when the caller's callback raises. This module
+imports neither torch nor the evaluator.
+
+It is longer than most modules of the worker because what it holds is one piece: the session
+(processes, pipes, the report loop) and the failures it can end in, worded for the user.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import pwd
 import select
 import shutil
 import signal
-import site
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from worker.bwrap import (
+    SANDBOX_JOB,
+    SETUP_ERROR_PREFIXES,
+    Identity,
+    Role,
+    SandboxSetupError,
+    bwrap_command,
+    child_environment,
+    sandbox_identity,
+    sandbox_prefix,
+)
 from worker.messages import (
+    MAX_POSITION,
     REPORT,
     ErrorCategory,
     ErrorReport,
@@ -58,40 +69,38 @@ from worker.messages import (
     ModelProcessConfig,
     ProgressReport,
     ResultReport,
+    ShardRequest,
 )
 from worker.result_bounds import ResultRejected, check_result
 
+__all__ = [
+    "SANDBOX_JOB",
+    "Role",
+    "SandboxFailure",
+    "SandboxJob",
+    "SandboxLimits",
+    "SandboxOutput",
+    "SandboxStopped",
+    "ShardOutput",
+    "bwrap_command",
+    "child_environment",
+    "remove_abandoned_job_dirs",
+    "run_sandboxed",
+    "run_sandboxed_shards",
+    "sandbox_identity",
+    "sandbox_prefix",
+]
+
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The result of a 50,000-image ImageNet run is a few MB of JSON; anything far above is abuse.
 MAX_LINE_BYTES = 256 * 2**20
 MAX_EXAMPLE_BYTES = 4 * 2**20
 STDERR_TAIL_BYTES = 4000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JOB_DIR_PREFIX = "spatialbench-job-"
-# Variables passed through from the worker's environment: device selection and library paths
-# of the CUDA images. Nothing else crosses.
-PASSTHROUGH_ENV = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES", "TZ")
-# Where the sandboxes see their job's files.
-SANDBOX_JOB = Path("/job")
-SANDBOX_TMP = Path("/tmp")
-# Host files the dynamic linker and the C library read; the rest of /etc stays out of view.
-_SYSTEM_RO = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
-_ETC_RO = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
-_GPU_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0",
-                "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidia3", "/dev/nvidia4", "/dev/nvidia5",
-                "/dev/nvidia6", "/dev/nvidia7")  # fmt: skip
 # How long the model process may take to exit once the evaluator said it died.
 _MODEL_EXIT_WAIT_S = 10.0
-# What the sandbox's own tools print when they cannot set it up.
-_SETUP_ERRORS = ("bwrap:", "setpriv:", "unshare:")
-UNPRIVILEGED_UID = 65534
-
-
-class Role(StrEnum):
-    MODEL = "model"
-    EVALUATOR = "evaluator"
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,8 @@ class SandboxJob:
     limit: int | None = None
     examples: int = 8
     # `evaluator.evaluate.EvalOptions(**options)` in the evaluator process; unknown keys fail
-    # the job ("internal"). JSON values: ``metrics`` a list of names, ``shard`` [start, stop].
+    # the job ("internal"). JSON values: ``metrics`` a list of names; ``shard`` [start, stop]
+    # for `run_sandboxed` only (a session's shards come from its caller).
     options: dict[str, Any] | None = None
 
 
@@ -146,6 +156,14 @@ class SandboxOutput:
     hello: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(kw_only=True)
+class ShardOutput(SandboxOutput):
+    """One shard's output in a session of `run_sandboxed_shards`: the checked result of the
+    positions ``shard`` of the evaluation order, and that shard's examples."""
+
+    shard: range
+
+
 class SandboxFailure(Exception):
     """The evaluation did not produce a result; ``message`` is meant for the user."""
 
@@ -173,148 +191,6 @@ def remove_abandoned_job_dirs(tmp_dir: Path | None = None) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def child_environment(threads: int | None) -> dict[str, str]:
-    """The sandboxed processes' whole environment."""
-    n = str(threads or os.cpu_count() or 1)
-    env = {
-        "PYTHONPATH": str(PROJECT_ROOT),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONNOUSERSITE": "1",
-        "HOME": str(SANDBOX_TMP),
-        "TMPDIR": str(SANDBOX_TMP),
-        "LANG": "C.UTF-8",
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-    }
-    for name in PASSTHROUGH_ENV:
-        if name in os.environ:
-            env[name] = os.environ[name]
-    return env
-
-
-# --- The bubblewrap profile -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who the sandboxed processes run as. ``drop``: the worker is root, so the sandbox
-    switches to ``uid``/``gid`` itself."""
-
-    uid: int
-    gid: int
-    drop: bool
-
-
-def sandbox_identity(user: str | None) -> Identity:
-    if os.geteuid() != 0:
-        return Identity(os.getuid(), os.getgid(), drop=False)
-    name = user or "nobody"
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise SandboxFailure(
-            "internal",
-            "The worker is misconfigured: its sandbox user does not exist.",
-            detail=f"no user {name!r}; set SPATIALBENCH_SANDBOX_USER",
-        ) from None
-    if entry.pw_uid == 0:
-        raise SandboxFailure(
-            "internal",
-            "The worker is misconfigured: its sandbox user is root.",
-            detail=f"user {name!r} has uid 0; set SPATIALBENCH_SANDBOX_USER to an unprivileged one",
-        )
-    return Identity(entry.pw_uid, entry.pw_gid, drop=True)
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name, path=os.environ.get("PATH", os.defpath) + ":/usr/bin:/bin")
-    if path is None:
-        raise SandboxFailure(
-            "internal",
-            "The worker cannot start its sandbox; the operator has to fix this.",
-            detail=f"{name} is not installed (install the Debian package bubblewrap: "
-            "scripts/bwrap.sh)",
-        )
-    return path
-
-
-def interpreter_paths() -> list[Path]:
-    """What the sandboxed interpreter needs, read-only at its own path: the interpreter's
-    prefix, the virtualenv and its site-packages, and the project's two packages the
-    sandboxes import (not the project root, where the embedded mode keeps its state)."""
-    paths = {Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable).parent}
-    paths.update(Path(p) for p in site.getsitepackages())
-    paths.update(PROJECT_ROOT / name for name in ("evaluator", "worker"))
-    resolved = {p.resolve() for p in paths if p.exists()} | {p for p in paths if p.exists()}
-    return sorted(resolved, key=lambda p: (len(p.parts), str(p)))
-
-
-def bwrap_command(
-    role: Role,
-    argv: list[str],
-    identity: Identity,
-    *,
-    binds: list[tuple[str, Path, Path]],
-    tmpfs_bytes: int,
-    gpu: bool = False,
-) -> list[str]:
-    """The command that runs the role's module (``worker.<role>_process``) with ``argv``
-    sandboxed. ``binds`` are (bwrap option, host path, sandbox path) for the role's files."""
-    prefix = sandbox_prefix(role, identity, binds=binds, tmpfs_bytes=tmpfs_bytes, gpu=gpu)
-    return [*prefix, sys.executable, "-s", "-B", "-m", f"worker.{role.value}_process", *argv]
-
-
-def sandbox_prefix(
-    role: Role,
-    identity: Identity,
-    *,
-    binds: list[tuple[str, Path, Path]],
-    tmpfs_bytes: int,
-    gpu: bool = False,
-) -> list[str]:
-    """The sandbox profile: the command line that runs what follows it sandboxed."""
-    cmd = [_tool("bwrap"), "--die-with-parent", "--new-session"]
-    if identity.drop:
-        # Root mounts without a user namespace (so it can read an interpreter under a home
-        # closed to others), then the process drops to the sandbox user below.
-        cmd += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-                "--unshare-cgroup-try", "--cap-drop", "ALL", "--cap-add", "CAP_SETUID",
-                "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]  # fmt: skip
-    else:
-        cmd += ["--unshare-all", "--unshare-user"]
-    cmd += ["--hostname", f"sandbox-{role.value}", "--proc", "/proc", "--dev", "/dev"]
-    # Writable by the sandbox user only through its sticky /tmp.
-    cmd += ["--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", str(SANDBOX_TMP)]
-    for system in (*_SYSTEM_RO, *_ETC_RO):
-        cmd += ["--ro-bind-try", system, system]
-    paths = interpreter_paths()
-    targets = [*paths, *(target for _option, _source, target in binds)]
-    # The folders above the mounts are made by bubblewrap; they must be traversable by the
-    # sandbox user (a home closed to others on the host is an empty, open folder here).
-    for folder in _ancestors(targets):
-        cmd += ["--perms", "0755", "--dir", str(folder)]
-    for path in paths:
-        cmd += ["--ro-bind", str(path), str(path)]
-    if gpu:
-        for device in _GPU_DEVICES:
-            cmd += ["--dev-bind-try", device, device]
-        cmd += ["--ro-bind-try", "/sys", "/sys"]
-    for option, source, target in binds:
-        cmd += [option, str(source), str(target)]
-    cmd += ["--chdir", str(SANDBOX_TMP), "--"]
-    if identity.drop:
-        cmd += [_tool("setpriv"), f"--reuid={identity.uid}", f"--regid={identity.gid}",
-                "--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all",
-                "--"]  # fmt: skip
-        cmd += [_tool("unshare"), "--user", "--"]
-    return cmd
-
-
-def _ancestors(paths: list[Path]) -> list[Path]:
-    found = {parent for path in paths for parent in path.parents if parent != Path("/")}
-    return sorted(found, key=lambda p: (len(p.parts), str(p)))
 
 
 # --- Examples ----------------------------------------------------------------------------------
@@ -393,9 +269,22 @@ class _Process:
             ) from exc
 
     def send(self, data: bytes) -> None:
+        """Write ``data`` as the process's whole input."""
+        self.write_line(data)
+        self.close_stdin()
+
+    def write_line(self, line: bytes) -> None:
+        """One line of input; a process that exited reads nothing, and says why elsewhere."""
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(data)
+            self.proc.stdin.write(line + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        try:
             self.proc.stdin.close()
         except BrokenPipeError:
             pass
@@ -445,6 +334,71 @@ def _job_files(
     return tmp, model, out
 
 
+def run_sandboxed_shards(
+    job: SandboxJob,
+    limits: SandboxLimits,
+    next_shard: Callable[[ShardOutput | None], range | None],
+    *,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    tick: Callable[[], bool] | None = None,
+    tick_interval_s: float = 1.0,
+) -> None:
+    """Evaluate shards of ``job`` in one session of the two sandboxed processes (see the
+    module doc), so that opening the model, loading the data and warming up are paid once.
+
+    ``next_shard(None)`` gives the first shard (a range of positions of the evaluation
+    order), ``next_shard(output)`` the one after the shard ``output`` holds; None ends the
+    session. Each shard is a new evaluation with the deadline ``limits.deadline_s`` of its
+    own. The driver removes ``output.examples_dir`` once ``next_shard`` returns, so the
+    callback copies the PNGs it keeps, or takes the folder by setting the field to None.
+    ``job.options`` must not hold a ``shard``.
+
+    ``on_progress`` gets each progress message of the current shard (dicts with phase,
+    fraction within the shard, forward_passes, elapsed_s, eta_s). ``tick`` is called about
+    every ``tick_interval_s`` seconds while a shard runs; when it returns True both processes
+    are killed and `SandboxStopped` raised. Raises `SandboxFailure` with a user-facing
+    message when a shard fails, for whatever reason; whatever ``next_shard`` raises is raised
+    again once both processes are killed.
+    """
+    if job.options and "shard" in job.options:
+        raise ValueError("a session's shards come from next_shard, not from job.options")
+    identity = _identity(limits.user)
+    tmp, model_copy, output_dir = _job_files(job, identity, limits)
+    processes: list[_Process] = []
+    report_fd: int | None = None
+    try:
+        report_fd = _start(job, limits, identity, model_copy, output_dir, processes)
+        model, evaluator = processes
+        evaluator.write_line(_evaluator_job(job, limits, output_dir).model_dump_json().encode())
+        driver = _Driver(job, limits, model, evaluator, SANDBOX_JOB / model_copy.name, on_progress)
+        shard = next_shard(None)
+        while shard is not None:
+            request = _request(shard)
+            evaluator.write_line(request.model_dump_json().encode())
+            report = driver.run(report_fd, request, tick, tick_interval_s)
+            examples, examples_dir = _collect_examples(report.examples, output_dir, identity.uid)
+            output = ShardOutput(
+                result=_checked(report.result, job.benchmark),
+                examples=examples,
+                examples_dir=examples_dir,
+                hello=driver.hello.model_dump() if driver.hello else {},
+                shard=shard,
+            )
+            try:
+                shard = next_shard(output)
+            finally:
+                if output.examples_dir is not None:
+                    shutil.rmtree(output.examples_dir, ignore_errors=True)
+        # End of input: the evaluator shuts the model process down and exits.
+        evaluator.close_stdin()
+    finally:
+        for process in processes:
+            process.close()
+        if report_fd is not None:
+            os.close(report_fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_sandboxed(
     job: SandboxJob,
     limits: SandboxLimits,
@@ -453,40 +407,84 @@ def run_sandboxed(
     tick: Callable[[], bool] | None = None,
     tick_interval_s: float = 1.0,
 ) -> SandboxOutput:
-    """Evaluate ``job`` in the two sandboxed processes; see the module doc.
-
-    ``on_progress`` gets each progress message (dicts with phase, fraction, forward_passes,
-    elapsed_s, eta_s). ``tick`` is called about every ``tick_interval_s`` seconds; when it
-    returns True both processes are killed and `SandboxStopped` raised. Raises
-    `SandboxFailure` with a user-facing message when the evaluation fails, for whatever reason.
-    """
-    identity = sandbox_identity(limits.user)
-    tmp, model_copy, output_dir = _job_files(job, identity, limits)
-    fds: list[int] = []
-    processes: list[_Process] = []
+    """Evaluate ``job`` in a session of one shard: ``job.options["shard"]`` (``[start,
+    stop]``) when it has one, the whole evaluation order otherwise. ``on_progress``,
+    ``tick`` and the failures are those of `run_sandboxed_shards`; the caller owns the
+    returned ``examples_dir`` and must remove it."""
+    options = dict(job.options or {})
+    bounds = options.pop("shard", None)
     try:
-        request_r, request_w = os.pipe()  # evaluator -> model
-        answer_r, answer_w = os.pipe()  # model -> evaluator
-        report_r, report_w = os.pipe()  # evaluator -> this process
-        fds += [request_r, request_w, answer_r, answer_w, report_r, report_w]
+        # The whole order: `evaluate` cuts a range to the order's length.
+        whole = range(0, MAX_POSITION) if bounds is None else range(*_bounds(bounds))
+        _request(whole)
+    except (TypeError, ValueError) as exc:
+        raise SandboxFailure(
+            "internal", f"The evaluation failed: invalid evaluation options: shard {bounds!r}"
+        ) from exc
+    outputs: list[SandboxOutput] = []
+
+    def one(output: ShardOutput | None) -> range | None:
+        if output is None:
+            return whole
+        outputs.append(
+            SandboxOutput(output.result, output.examples, output.examples_dir, output.hello)
+        )
+        output.examples_dir = None  # the caller's now
+        return None
+
+    run_sandboxed_shards(
+        dataclasses.replace(job, options=options or None),
+        limits,
+        one,
+        on_progress=on_progress,
+        tick=tick,
+        tick_interval_s=tick_interval_s,
+    )
+    (output,) = outputs
+    return output
+
+
+def _bounds(value: Any) -> tuple[int, int]:
+    start, stop = value
+    return int(start), int(stop)
+
+
+def _request(shard: range) -> ShardRequest:
+    if shard.step != 1:
+        raise ValueError(f"a shard is a range of consecutive positions, not {shard!r}")
+    try:
+        return ShardRequest(start=shard.start, stop=shard.stop)
+    except ValidationError as exc:
+        raise ValueError(f"not a shard of an evaluation order: {shard!r}") from exc
+
+
+def _identity(user: str | None) -> Identity:
+    try:
+        return sandbox_identity(user)
+    except SandboxSetupError as exc:
+        raise SandboxFailure("internal", exc.message, detail=exc.detail) from None
+
+
+def _start(
+    job: SandboxJob,
+    limits: SandboxLimits,
+    identity: Identity,
+    model_copy: Path,
+    output_dir: Path,
+    processes: list[_Process],
+) -> int:
+    """Start the model and the evaluator process (appended to ``processes``, so the caller
+    closes whichever started); returns our end of the evaluator's report pipe, the only pipe
+    end this process keeps."""
+    request_r, request_w = os.pipe()  # evaluator -> model
+    answer_r, answer_w = os.pipe()  # model -> evaluator
+    report_r, report_w = os.pipe()  # evaluator -> this process
+    theirs = [request_r, request_w, answer_r, answer_w, report_w]
+    try:
         # The NVIDIA device files (and /sys, which CUDA reads) only where a GPU may be used.
         gpu = job.device != "cpu" and Path("/dev/nvidiactl").exists()
         env = child_environment(limits.threads)
-        sandbox_model = SANDBOX_JOB / model_copy.name
-        model = _Process(
-            Role.MODEL,
-            bwrap_command(
-                Role.MODEL,
-                [str(request_r), str(answer_w)],
-                identity,
-                binds=[("--ro-bind", model_copy, sandbox_model)],
-                tmpfs_bytes=limits.tmpfs_bytes,
-                gpu=gpu,
-            ),
-            (request_r, answer_w),
-            env,
-        )
-        processes.append(model)
+        model_binds = [("--ro-bind", model_copy, SANDBOX_JOB / model_copy.name)]
         evaluator_binds: list[tuple[str, Path, Path]] = [
             ("--bind", output_dir, SANDBOX_JOB / "out")
         ]
@@ -494,49 +492,30 @@ def run_sandboxed(
             evaluator_binds.append(("--ro-bind-try", job.data_dir, job.data_dir))
         if job.benchmarks_file is not None:
             evaluator_binds.append(("--ro-bind", job.benchmarks_file, job.benchmarks_file))
-        evaluator = _Process(
-            Role.EVALUATOR,
-            bwrap_command(
-                Role.EVALUATOR,
-                [str(answer_r), str(request_w), str(report_w)],
-                identity,
-                binds=evaluator_binds,
-                tmpfs_bytes=limits.tmpfs_bytes,
-                gpu=gpu,
-            ),
-            (answer_r, request_w, report_w),
-            env,
-        )
-        processes.append(evaluator)
-        # Each process holds its own ends now; ours of the report pipe is the only one left.
-        for fd in (request_r, request_w, answer_r, answer_w, report_w):
-            os.close(fd)
-            fds.remove(fd)
-        evaluator.send(_evaluator_job(job, limits, output_dir).model_dump_json().encode())
-        driver = _Driver(job, limits, model, evaluator, sandbox_model, on_progress)
-        report = driver.run(report_r, tick, tick_interval_s)
-        try:
-            result = check_result(report.result, job.benchmark)
-        except ResultRejected as exc:
-            raise SandboxFailure(
-                "internal",
-                "The evaluation returned a result outside the benchmark's bounds; it was not "
-                "recorded.",
-                detail=str(exc),
-            ) from exc
-        examples, examples_dir = _collect_examples(report.examples, output_dir, identity.uid)
-        return SandboxOutput(
-            result=result,
-            examples=examples,
-            examples_dir=examples_dir,
-            hello=driver.hello.model_dump() if driver.hello else {},
-        )
+        for role, argv, binds in (
+            (Role.MODEL, (request_r, answer_w), model_binds),
+            (Role.EVALUATOR, (answer_r, request_w, report_w), evaluator_binds),
+        ):
+            try:
+                command = bwrap_command(
+                    role,
+                    [str(fd) for fd in argv],
+                    identity,
+                    binds=binds,
+                    tmpfs_bytes=limits.tmpfs_bytes,
+                    gpu=gpu,
+                )
+            except SandboxSetupError as exc:
+                raise SandboxFailure("internal", exc.message, detail=exc.detail) from None
+            processes.append(_Process(role, command, argv, env))
+    except BaseException:
+        os.close(report_r)
+        raise
     finally:
-        for process in processes:
-            process.close()
-        for fd in fds:
+        # Each process holds its own ends now.
+        for fd in theirs:
             os.close(fd)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return report_r
 
 
 def _evaluator_job(job: SandboxJob, limits: SandboxLimits, output_dir: Path) -> EvaluatorJob:
@@ -558,9 +537,21 @@ def _evaluator_job(job: SandboxJob, limits: SandboxLimits, output_dir: Path) -> 
     )
 
 
+def _checked(result: dict[str, Any], benchmark: str) -> dict[str, Any]:
+    try:
+        return check_result(result, benchmark)
+    except ResultRejected as exc:
+        raise SandboxFailure(
+            "internal",
+            "The evaluation returned a result outside the benchmark's bounds; it was not recorded.",
+            detail=str(exc),
+        ) from exc
+
+
 class _Driver:
-    """Reads the evaluator's reports until its result or error; enforces the deadline and
-    stops; hands the model process its configuration once the evaluator said hello."""
+    """Reads the evaluator's reports until a shard's result or an error; enforces the
+    deadline and stops; hands the model process its configuration once the evaluator said
+    hello."""
 
     def __init__(
         self,
@@ -578,17 +569,23 @@ class _Driver:
         self.sandbox_model = sandbox_model
         self.on_progress = on_progress
         self.hello: Hello | None = None
+        # What the evaluator wrote after the last complete line (kept from shard to shard).
+        self.buffer = bytearray()
 
     def kill(self) -> None:
         self.evaluator.kill()
         self.model.kill()
 
     def run(
-        self, report_fd: int, tick: Callable[[], bool] | None, tick_interval_s: float
+        self,
+        report_fd: int,
+        request: ShardRequest,
+        tick: Callable[[], bool] | None,
+        tick_interval_s: float,
     ) -> ResultReport:
+        """The result of the shard ``request`` asked for, which the evaluator was just sent."""
         deadline = time.monotonic() + self.limits.deadline_s
         next_tick = time.monotonic() + tick_interval_s
-        buffer = bytearray()
         os.set_blocking(report_fd, False)
         while True:
             now = time.monotonic()
@@ -616,14 +613,14 @@ class _Driver:
                     chunk = b""
                 else:
                     eof = chunk == b""
-                buffer += chunk
-            while b"\n" in buffer:
-                line, _, rest = bytes(buffer).partition(b"\n")
-                buffer = bytearray(rest)
+                self.buffer += chunk
+            while b"\n" in self.buffer:
+                line, _, rest = bytes(self.buffer).partition(b"\n")
+                self.buffer = bytearray(rest)
                 final = self._handle(line)
                 if final is not None:
-                    return final
-            if len(buffer) > MAX_LINE_BYTES:
+                    return self._answering(final, request)
+            if len(self.buffer) > MAX_LINE_BYTES:
                 self.kill()
                 raise SandboxFailure(
                     "internal",
@@ -633,6 +630,16 @@ class _Driver:
             if eof or (not ready and self.evaluator.proc.poll() is not None):
                 self.evaluator.proc.wait()
                 raise self._evaluator_died()
+
+    def _answering(self, report: ResultReport, request: ShardRequest) -> ResultReport:
+        if report.shard != request:
+            self.kill()
+            raise SandboxFailure(
+                "internal",
+                "The evaluation process answered for another shard than it was asked.",
+                detail=f"asked for {request}, answered {report.shard}",
+            )
+        return report
 
     def _handle(self, line: bytes) -> ResultReport | None:
         try:
@@ -645,6 +652,11 @@ class _Driver:
                 detail=f"{exc}"[:500] + repr(line[:200]),
             ) from None
         if isinstance(report, Hello):
+            if self.hello is not None:
+                self.kill()
+                raise SandboxFailure(
+                    "internal", "The evaluation process said hello twice.", detail=repr(report)
+                )
             self.hello = report
             log.info("sandbox on %s, network isolated: %s", report.device, report.network_isolated)
             self.model.send(self._model_config(report).model_dump_json().encode())
@@ -743,7 +755,7 @@ def _model_message(error: str, text: str) -> str:
 
 def _died(returncode: int | None, limits: SandboxLimits, stderr: str) -> SandboxFailure:
     """A sandboxed process exited without a report."""
-    if any(line.startswith(_SETUP_ERRORS) for line in stderr.splitlines()):
+    if any(line.startswith(SETUP_ERROR_PREFIXES) for line in stderr.splitlines()):
         # bubblewrap, setpriv or unshare could not build the sandbox: nothing ran.
         return SandboxFailure(
             "internal",
