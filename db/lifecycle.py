@@ -28,10 +28,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, delete, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Evaluation, Resubmission, Submission, SubmissionStatus
+from db.models import Evaluation, Resubmission, Shard, Submission, SubmissionStatus
 
 __all__ = [
     "CANCELLED_BEFORE_START",
@@ -133,11 +133,15 @@ def _update(session: Session, where: ColumnElement[bool], **values: Any) -> int:
 
 
 def _stale(now: datetime, settings: LifecycleSettings) -> ColumnElement[bool]:
-    """Running, but its worker has not written a heartbeat within the timeout."""
+    """Running, but its worker has not written a heartbeat within the timeout. A run cut into
+    shards is never stale as a whole: its shards are reaped one by one (`db.shards.reap`)."""
     limit = now - timedelta(seconds=settings.heartbeat_timeout_s)
     return and_(
         Submission.status == SubmissionStatus.RUNNING,
         or_(Submission.heartbeat_at.is_(None), Submission.heartbeat_at < limit),
+        ~exists().where(
+            Shard.submission_id == Submission.id, Shard.run_token == Submission.claim_token
+        ),
     )
 
 

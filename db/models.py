@@ -246,3 +246,45 @@ class Evaluation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     submission: Mapped[Submission] = relationship(back_populates="evaluation", lazy="raise")
+
+
+class ShardStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class Shard(Base):
+    """One range of a running submission's evaluation order, which any worker may take.
+
+    A run's shards are planned when its submission is claimed (``run_token`` is that claim's
+    token, so the shards of an earlier run are never mistaken for this one's). A shard's
+    transitions live in `db.shards`: queued -> running -> done, and running -> queued when its
+    worker stops (re-run alone). A done shard's result lies in the storage under ``result_key``.
+    """
+
+    __tablename__ = "shards"
+    __table_args__ = (Index("ix_shards_status_submission", "status", "submission_id"),)
+
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_token: Mapped[str] = mapped_column(String(32))
+    start: Mapped[int] = mapped_column(Integer)
+    stop: Mapped[int] = mapped_column(Integer)
+    status: Mapped[ShardStatus] = mapped_column(
+        _enum(ShardStatus, "shard_status"), default=ShardStatus.QUEUED
+    )
+    claim_token: Mapped[str | None] = mapped_column(String(32), default=None)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    phase: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    forward_passes: Mapped[int] = mapped_column(BigInteger, default=0)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    result_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    published_at: Mapped[datetime | None] = mapped_column(default=None)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -362,7 +362,7 @@ def _settings(options: EvalOptions, benchmark: BenchmarkSpec) -> _Settings:
 # --- The state one evaluation carries from chunk to chunk ---------------------------------------
 
 
-def _ablation_fields(ablation: Ablation) -> tuple[str, str]:
+def ablation_fields(ablation: Ablation) -> tuple[str, str]:
     """Per-image fields of an ablation: robust under its grid, correct at its identity."""
     return f"ablation_{ablation.key}_robust", f"ablation_{ablation.key}_natural"
 
@@ -668,7 +668,7 @@ def _ablation_search(run: _Run, chunk: _Chunk, local: Tensor, ablation: Ablation
     b = run.benchmark
     assert chunk.natural_correct is not None and chunk.natural_pred is not None
     variant = ablation_variant(ablation, b.grid, b.fill)
-    robust_field, natural_field = _ablation_fields(ablation)
+    robust_field, natural_field = ablation_fields(ablation)
     if variant.same_as(b.grid, b.fill) and Metric.GRID in run.settings.metrics:
         # The benchmark's own grid attack, already measured on these images.
         run.write(robust_field, chunk, local, run.record["grid_robust"][chunk.rows][local.cpu()])
@@ -786,7 +786,7 @@ def _new_run(
     record = {"position": positions.clone(), "index": order[positions]}
     record |= {name: unset.clone() for name in RECORD_FIELDS}
     for ablation in settings.ablations:
-        record |= {name: unset.clone() for name in _ablation_fields(ablation)}
+        record |= {name: unset.clone() for name in ablation_fields(ablation)}
     phases = settings.phases()
     return _Run(
         classifier=classifier,
@@ -816,6 +816,20 @@ def _measured(values: Tensor) -> MetricValue:
     return MetricValue(int((values[measured] == 1).sum()), int(measured.sum()))
 
 
+# The per-image field behind each result metric: 1 where the image counts (correct, or robust).
+METRIC_FIELDS = {
+    "natural": "natural_correct",
+    "random": "random_correct",
+    "worst_of_k": "worst_of_k_correct",
+    "grid": "grid_robust",
+    "vote_natural": "vote_natural_correct",
+    VoteProtocol.ADAPTIVE.metric_key: "grid_vote_robust",
+    VoteProtocol.PER_QUERY.metric_key: "grid_vote_per_query_robust",
+    VoteProtocol.TRANSFER.metric_key: "grid_vote_transfer_correct",
+    "first_order": "first_order_correct",
+}
+
+
 def _metrics(run: _Run) -> dict[str, MetricValue]:
     record, s = run.record, run.settings
     record["natural_correct"] = (record["natural_pred"] == record["label"]).long()
@@ -828,15 +842,11 @@ def _metrics(run: _Run) -> dict[str, MetricValue]:
         results["grid"] = _measured(record["grid_robust"])
     if Metric.VOTE in s.metrics:
         results["vote_natural"] = _measured(record["vote_natural_correct"])
-        fields = {
-            VoteProtocol.ADAPTIVE: "grid_vote_robust",
-            VoteProtocol.PER_QUERY: "grid_vote_per_query_robust",
-            VoteProtocol.TRANSFER: "grid_vote_transfer_correct",
-        }
         for protocol in s.vote_protocols:
-            value = _measured(record[fields[protocol]])
+            field_name = METRIC_FIELDS[protocol.metric_key]
+            value = _measured(record[field_name])
             value.extra = {"protocol": protocol.value, "attacker": protocol.description}
-            value.extra |= _grid_same_images(run, fields[protocol])
+            value.extra |= _grid_same_images(run, field_name)
             results[protocol.metric_key] = value
     if s.first_order is not None:
         results["first_order"] = _first_order_metric(run)
@@ -848,20 +858,32 @@ def _first_order_metric(run: _Run) -> MetricValue:
     if run.first_order_error is not None:
         return MetricValue(0, 0, error=run.first_order_error)
     value = _measured(run.record["first_order_correct"])
-    value.extra = _grid_same_images(run, "first_order_correct")
-    if value.extra and value.total:
-        # Positive: the gradient attack leaves images standing that the grid fools.
-        value.extra["gap_to_grid"] = value.correct / value.total - value.extra["grid_same_images"]
+    value.extra = first_order_extra(value, _grid_same_images(run, "first_order_correct"))
     return value
 
 
+def first_order_extra(value: MetricValue, same_images: dict[str, float]) -> dict[str, float]:
+    """The first-order metric's extras: the grid on the same images and the gap to it."""
+    extra = dict(same_images)
+    if extra and value.total:
+        # Positive: the gradient attack leaves images standing that the grid fools.
+        extra["gap_to_grid"] = value.correct / value.total - extra["grid_same_images"]
+    return extra
+
+
 def _grid_same_images(run: _Run, field_name: str) -> dict[str, float]:
-    """Grid accuracy on the images a subset metric measured, so the two compare like for
-    like; empty when the grid did not run or nothing was measured."""
-    measured = run.record[field_name] >= 0
-    if Metric.GRID not in run.settings.metrics or not bool(measured.any()):
+    if Metric.GRID not in run.settings.metrics:
         return {}
-    grid = run.record["grid_robust"][measured]
+    return grid_same_images(run.record["grid_robust"], run.record[field_name])
+
+
+def grid_same_images(grid_robust: Tensor, values: Tensor) -> dict[str, float]:
+    """Grid accuracy on the images a subset metric measured (``values`` >= 0), so the two
+    compare like for like; empty when nothing was measured."""
+    measured = values >= 0
+    if not bool(measured.any()):
+        return {}
+    grid = grid_robust[measured]
     return {"grid_same_images": float((grid == 1).sum()) / int(measured.sum())}
 
 
@@ -873,7 +895,7 @@ def _ablation_records(run: _Run) -> dict[str, dict[str, Any]]:
     b = run.benchmark
     for ablation in run.settings.ablations:
         variant = ablation_variant(ablation, b.grid, b.fill)
-        robust_field, natural_field = _ablation_fields(ablation)
+        robust_field, natural_field = ablation_fields(ablation)
         robust, natural = _measured(run.record[robust_field]), _measured(run.record[natural_field])
         if ablation in run.ablation_errors:
             out[ablation.value] = {**variant.describe(), "error": run.ablation_errors[ablation]}
