@@ -293,6 +293,9 @@ def test_the_worker_process_never_imports_torch() -> None:
 class _Step(nn.Module):
     """Logits that are a step function of the input: no gradient to give."""
 
+    bright: Tensor
+    dark: Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("bright", torch.arange(10.0))
