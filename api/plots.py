@@ -201,9 +201,10 @@ def fool_counts(per_image: dict[str, Any] | None) -> list[int]:
     return counts
 
 
-def fool_histogram_svg(per_image: dict[str, Any] | None, grid_points: int = 775) -> bytes:
-    """A histogram of how many of the grid's points fool each image. Images no point fools
-    (robust on the whole grid) get their own bar; the rest are binned."""
+def fool_histogram_svg(per_image: dict[str, Any] | None, grid_points: int) -> bytes:
+    """A histogram of how many of the grid's ``grid_points`` (the evaluated benchmark's grid
+    size) fool each image. Images no point fools (robust on the whole grid) get their own bar;
+    the rest are binned."""
     counts = fool_counts(per_image)
     _matplotlib()
     import numpy as np

@@ -26,6 +26,7 @@ from evaluator.benchmarks import (
     load_benchmark_file,
 )
 from evaluator.errors import EvaluatorError
+from evaluator.vocabulary import BenchmarkCounts, MetricKey, metric_texts
 
 if TYPE_CHECKING:
     from evaluator.evaluate import EvalOptions
@@ -37,19 +38,6 @@ data_app = typer.Typer(help="Datasets: where they go, and fetching them.", no_ar
 app.add_typer(data_app, name="data")
 
 console = Console(stderr=True)
-
-METRIC_LABELS = {
-    "natural": "natural",
-    "random": "random",
-    "worst_of_k": "worst-of-k",
-    "grid": "grid (headline)",
-    "vote_natural": "vote (natural)",
-    # Every grid + vote number names the attacker it faced.
-    "grid_vote": "grid + vote, adaptive attacker",
-    "grid_vote_per_query": "grid + vote, per-query attacker",
-    "grid_vote_transfer": "grid + vote, transfer attacker",
-    "first_order": "first-order",
-}
 
 
 # The library reads no environment variable: the command reads this one and passes the
@@ -182,9 +170,11 @@ def results_table(result_dict: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("accuracy", justify="right")
     table.add_column("correct / images", justify="right")
-    for key, label in METRIC_LABELS.items():
+    # Named with the numbers this run used (its benchmark's k), the grid as the headline.
+    for key, text in metric_texts(BenchmarkCounts.of(result_dict["benchmark"])).items():
         value = result_dict["metrics"].get(key)
         if value is not None:
+            label = f"{text.short} (headline)" if key is MetricKey.GRID else text.short
             table.add_row(label, *_metric_row(value))
     for record in result_dict.get("ablations", {}).values():
         label = f"ablation: {record['label']}"

@@ -30,6 +30,13 @@ from rich.progress import (
 from rich.table import Table
 
 from api.urls import api_path
+from evaluator.vocabulary import (
+    BOARD_METRICS,
+    METRIC_KEYS,
+    BenchmarkCounts,
+    MetricKey,
+    metric_texts,
+)
 
 app = typer.Typer(no_args_is_help=True)
 console = Console(stderr=True)
@@ -38,21 +45,15 @@ out = Console()
 DEFAULT_URL = "http://127.0.0.1:8000"
 CONFIG_PATH = Path("~/.config/spatialbench/config.toml")
 FINAL = {"finished", "failed", "cancelled"}
-METRICS = [
-    ("natural", "natural"),
-    ("random", "random"),
-    ("worst_of_k", "worst-of-10"),
-    ("grid", "grid"),
-    ("first_order", "first-order"),
-    ("vote_natural", "vote"),
-    # The leaderboard's grid + vote is the vote under the adaptive attacker; the label says so.
-    ("grid_vote", "grid+vote (adaptive)"),
-]
-# Grid + vote under the other attacker models: on a submission's status, not the board.
-OTHER_VOTE_ATTACKERS = [
-    ("grid_vote_per_query", "grid+vote (per-query)"),
-    ("grid_vote_transfer", "grid+vote (transfer)"),
-]
+
+
+def metric_labels(
+    keys: tuple[MetricKey, ...], counts: BenchmarkCounts | None
+) -> list[tuple[str, str]]:
+    """(result key, short label) of each of ``keys``, worded for the benchmark's ``counts``
+    ("worst-of-4" on a benchmark with k = 4; "worst-of-k" when they are unknown)."""
+    texts = metric_texts(counts)
+    return [(key.value, texts[key].short) for key in keys]
 
 
 class ClientError(Exception):
@@ -199,8 +200,11 @@ def print_state(state: dict[str, Any]) -> None:
     if state.get("message"):
         table.add_row("message", state["message"])
     metrics = metrics_of(state)
-    details = (state.get("evaluation") or {}).get("details") or {}
-    for key, label in (*METRICS, *OTHER_VOTE_ATTACKERS):
+    evaluation = state.get("evaluation") or {}
+    details = evaluation.get("details") or {}
+    # The numbers in the labels are those this evaluation ran with.
+    counts = BenchmarkCounts.of(evaluation.get("config"))
+    for key, label in metric_labels(METRIC_KEYS, counts):
         if metrics.get(key) is not None:
             table.add_row(label, _accuracy(metrics[key]) + _images(details.get(key)))
     out.print(table)
@@ -344,10 +348,14 @@ def cancel(
     out.print(f"{submission_id}: {state.get('status')}")
 
 
-def leaderboard_table(body: dict[str, Any], benchmark: str, sort: str) -> Table:
-    """The leaderboard's JSON as a table, one column per metric of `METRICS`."""
+def leaderboard_table(
+    body: dict[str, Any], benchmark: str, sort: str, counts: BenchmarkCounts | None
+) -> Table:
+    """The leaderboard's JSON as a table, one column per metric of the board
+    (`BOARD_METRICS`), named with the benchmark's ``counts``."""
+    metrics = metric_labels(BOARD_METRICS, counts)
     table = Table(title=f"{benchmark} leaderboard (sorted by {sort})")
-    for column in ("#", "model", "arch", "method", *(label for _, label in METRICS)):
+    for column in ("#", "model", "arch", "method", *(label for _, label in metrics)):
         table.add_column(
             column, justify="right" if column not in ("model", "arch", "method") else "left"
         )
@@ -358,7 +366,7 @@ def leaderboard_table(body: dict[str, Any], benchmark: str, sort: str) -> Table:
             str(row.get("display_name", "")),
             str(row.get("architecture") or ""),
             str(row.get("training_method") or ""),
-            *(_accuracy(m.get(key)) for key, _ in METRICS),
+            *(_accuracy(m.get(key)) for key, _ in metrics),
         )
     return table
 
@@ -377,11 +385,13 @@ def leaderboard(
     try:
         with conn.client() as client:
             body = check(client.get(api_path(f"/leaderboard/{benchmark}"), params=params))
+            if csv:
+                typer.echo(body, nl=False)
+                return
+            benchmarks = check(client.get(api_path("/benchmarks")))
     except (ClientError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
-    if csv:
-        typer.echo(body, nl=False)
-        return
-    table = leaderboard_table(body, benchmark, sort)
+    record = next((b for b in benchmarks if b.get("name") == benchmark), None)
+    table = leaderboard_table(body, benchmark, sort, BenchmarkCounts.of(record))
     # Eleven columns: wider than the 80 a pipe gets by default, so nothing is cut there.
     (out if out.is_terminal else Console(width=180)).print(table)

@@ -15,8 +15,11 @@ from typing import Annotated, Any
 
 import typer
 
+from api.services.benchmarks import get_benchmark
 from api.urls import api_path
 from config.settings import Settings
+from evaluator.benchmarks import BenchmarkSpec
+from evaluator.vocabulary import BenchmarkCounts, MetricKey, metric_texts
 from spatialbench.client import Connection, check, submit_model
 from spatialbench.serve import _err, apply_state_dir, local_token, start_embedded, usage
 
@@ -24,6 +27,7 @@ app = typer.Typer(no_args_is_help=True)
 
 BASELINES_DIR = Path(__file__).resolve().parent.parent / "baselines"
 BASELINES_USER = "baselines"
+BENCHMARK = "digits"
 FORM_FIELDS = (
     "display_name", "benchmark", "architecture", "training_method", "extra_data", "paper_url",
     "description",
@@ -96,6 +100,13 @@ def follow(conn: Connection, ids: list[str], poll_s: float = 2.0) -> list[dict[s
             time.sleep(poll_s)
 
 
+def evaluating_line(spec: BenchmarkSpec) -> str:
+    """What the demo says while the baselines are evaluated, with the benchmark's own k and
+    grid size (an operator may redefine the demo benchmark)."""
+    worst = metric_texts(BenchmarkCounts.of(spec.to_dict()))[MetricKey.WORST_OF_K].short
+    return f"evaluating (natural, random, {worst}, the {spec.grid.size:,}-point grid, the vote)..."
+
+
 @app.command("demo")
 def demo(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -122,14 +133,14 @@ def demo(
         conn = Connection(service.url, baselines_token(settings))
         ids = submit_baselines(conn, files)
         mark_baselines(settings, ids)
-        _err("evaluating (natural, random, worst-of-10, the 775-point grid, the vote)...")
+        _err(evaluating_line(get_benchmark(BENCHMARK, settings)))
         states = follow(conn, ids)
         _err(f"the demo leaderboard is ready after {time.monotonic() - started:.0f} s")
-        print_leaderboard("digits", sort="grid", csv=False, url=service.url, token=None)
+        print_leaderboard(BENCHMARK, sort="grid", csv=False, url=service.url, token=None)
         for state in states:
             if state["status"] != "finished":
                 _err(f"  {state['display_name']}: {state['status']}: {state.get('message')}")
-        typer.echo(f"Leaderboard page: {service.url}/leaderboard/digits\n")
+        typer.echo(f"Leaderboard page: {service.url}/leaderboard/{BENCHMARK}\n")
         typer.echo(usage(service.url, local_token(settings)))
         if not exit_when_done:
             service.wait()

@@ -4,7 +4,7 @@ the JSON and CSV of exactly the rows shown."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlencode
@@ -15,11 +15,12 @@ from fastapi.responses import HTMLResponse, Response
 from api.deps import SessionDep, SettingsDep
 from api.pages.rendering import (
     HTML_HEADERS,
-    METRIC_KEYS,
-    METRICS,
     PAPER_RESULTS,
+    benchmark_counts,
+    board_metrics,
     find_benchmark,
     render,
+    shared_counts,
 )
 from api.schemas import LeaderboardPage, SortKey, SortOrder
 from api.services.benchmarks import benchmark_public, list_benchmarks
@@ -33,7 +34,13 @@ from api.services.leaderboard import (
 )
 from api.urls import api_path
 from evaluator.benchmarks import BenchmarkSpec
-from evaluator.vocabulary import TrainingMethod
+from evaluator.vocabulary import (
+    VOTE_ATTACKER_KEYS,
+    BenchmarkCounts,
+    MetricText,
+    TrainingMethod,
+    metric_texts,
+)
 
 __all__ = ["BoardQuery", "router"]
 
@@ -46,13 +53,46 @@ router = APIRouter(include_in_schema=False)
 
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
+    specs = list_benchmarks(settings)
     boards = [
-        (spec, leaderboard(session, spec.name, per_page=TOP_ENTRIES))
-        for spec in list_benchmarks(settings)
+        (spec, grid_summary(spec), leaderboard(session, spec.name, per_page=TOP_ENTRIES))
+        for spec in specs
     ]
     # Benchmarks with results first; otherwise in the server's order.
-    boards.sort(key=lambda pair: pair[1].total == 0)
-    return render(request, "index.html", {"boards": boards, "paper_results": PAPER_RESULTS})
+    boards.sort(key=lambda entry: entry[2].total == 0)
+    # The page's prose states a grid, k and vote samples only where every benchmark it
+    # describes shares them; each benchmark's card states its own.
+    counts = shared_counts(specs)
+    grids = [grid for _, grid, _ in boards]
+    return render(
+        request,
+        "index.html",
+        {
+            "boards": boards,
+            "paper_results": PAPER_RESULTS,
+            "metrics": board_metrics(counts),
+            "attackers": vote_attackers(counts),
+            "grid": grids[0] if all(grid == grids[0] for grid in grids) else None,
+        },
+    )
+
+
+def grid_summary(spec: BenchmarkSpec) -> dict[str, Any]:
+    """A benchmark's grid as the home page words it: its shape, size, rotation limit and
+    angle step (the translations, in pixels, differ with the image size)."""
+    thetas = [round(float(v), 4) for v in spec.grid.axes()[0]]
+    return {
+        "shape": spec.grid.shape,
+        "points": spec.grid.size,
+        "max_rotation": spec.grid.box.max_rotation,
+        "theta_step": thetas[1] - thetas[0] if len(thetas) > 1 else 0.0,
+    }
+
+
+def vote_attackers(counts: BenchmarkCounts | None) -> list[tuple[str, MetricText]]:
+    """Each attacker model of grid + vote by name, with its metric's text."""
+    texts = metric_texts(counts)
+    return [(name, texts[key]) for name, key in VOTE_ATTACKER_KEYS.items()]
 
 
 # --- The leaderboard ---------------------------------------------------------------------------
@@ -125,29 +165,31 @@ class BoardQuery:
         params = self.params(full=full, **changes)
         return f"{path}?{urlencode(params)}" if params else path
 
-    def sort_link(self, path: str, key: SortKey) -> str:
-        """The header link for ``key``: its natural order first, the other order when the
-        table is already sorted by it; back to the first page either way."""
-        order = default_order(key)
-        if key is self.sort:
+    def sort_link(self, path: str, key: str) -> str:
+        """The header link for ``key`` (a `SortKey`, or the `MetricKey` of a column): its
+        natural order first, the other order when the table is already sorted by it; back to
+        the first page either way."""
+        sort = SortKey(key)
+        order = default_order(sort)
+        if sort is self.sort:
             order = SortOrder.ASC if self.effective_order is SortOrder.DESC else SortOrder.DESC
-        return self.url(path, sort=key, order=order, page=1)
+        return self.url(path, sort=sort, order=order, page=1)
 
-    def aria_sort(self, key: SortKey) -> str | None:
-        if key is not self.sort:
+    def aria_sort(self, key: str) -> str | None:
+        if SortKey(key) is not self.sort:
             return None
         return "ascending" if self.effective_order is SortOrder.ASC else "descending"
 
-    @property
-    def description(self) -> str:
-        """How the table is sorted, in words ("grid, best first")."""
+    def description(self, metrics: Sequence[MetricText]) -> str:
+        """How the table is sorted, in words ("grid, best first"), naming the metric as
+        ``metrics`` (the board's columns) do."""
         order = self.effective_order
         if self.sort is SortKey.NAME:
             return "name, " + ("A to Z" if order is SortOrder.ASC else "Z to A")
         if self.sort is SortKey.CREATED_AT:
             return "date, " + ("newest first" if order is SortOrder.DESC else "oldest first")
-        label = next(m.label for m in METRICS if m.key is self.sort)
-        return f"{label.lower()}, " + ("best first" if order is SortOrder.DESC else "worst first")
+        short = next(m.short for m in metrics if SortKey(m.key) is self.sort)
+        return f"{short}, " + ("best first" if order is SortOrder.DESC else "worst first")
 
     @property
     def filtered(self) -> bool:
@@ -155,11 +197,16 @@ class BoardQuery:
 
 
 def _best_values(
-    session: SessionDep, benchmark: str, query: BoardQuery, board: LeaderboardPage
+    session: SessionDep,
+    benchmark: str,
+    query: BoardQuery,
+    board: LeaderboardPage,
+    metrics: Sequence[MetricText],
 ) -> dict[str, float]:
     """The best value of each shown metric over every row that matches the filters."""
+    keys = [m.key.value for m in metrics]
     return best_values_for_board(
-        session, benchmark, board, METRIC_KEYS, training_method=query.training_method,
+        session, benchmark, board, keys, training_method=query.training_method,
         architecture=query.architecture, search=query.search,
     )  # fmt: skip
 
@@ -211,6 +258,7 @@ def _render_leaderboard(
         page=query.page,
         per_page=query.per_page,
     )
+    metrics = board_metrics(benchmark_counts(spec))
     path = f"/leaderboard/{spec.name}"
     board_api_path = api_path(f"/leaderboard/{spec.name}")
     architectures = sorted(
@@ -225,10 +273,11 @@ def _render_leaderboard(
             "spec": spec,
             "protocol": protocol(spec),
             "query": query,
-            "sort_description": query.description,
+            "metrics": metrics,
+            "sort_description": query.description(metrics),
             "board": board,
             "path": path,
-            "best": _best_values(session, spec.name, query, board),
+            "best": _best_values(session, spec.name, query, board, metrics),
             "json_url": query.url(board_api_path, full=True),
             "csv_url": query.url(board_api_path, full=True) + "&format=csv",
             "architectures": architectures,

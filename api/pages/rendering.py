@@ -1,13 +1,12 @@
 """What every page shares: the Jinja2 environment (autoescaped) and its filters, the metric
-vocabulary and the paper's numbers the templates show, the HTML 404 and 503 pages, and the
-look-ups that turn an unknown benchmark or submission into the 404 page."""
+texts worded for the benchmark a page shows, the paper's numbers, the HTML 404 and 503 pages,
+and the look-ups that turn an unknown benchmark or submission into the 404 page."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,24 @@ from config.settings import Settings
 from db.models import Submission
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError
-from evaluator.vocabulary import TrainingMethod
+from evaluator.vocabulary import (
+    BOARD_METRICS,
+    BenchmarkCounts,
+    MetricText,
+    TrainingMethod,
+    metric_texts,
+)
 
 __all__ = [
     "HTML_HEADERS",
-    "METRICS",
-    "METRIC_KEYS",
     "PageNotFound",
+    "benchmark_counts",
+    "board_metrics",
     "find_benchmark",
     "find_submission",
     "not_found_page",
     "render",
+    "shared_counts",
     "unavailable_page",
 ]
 
@@ -57,58 +63,26 @@ HTML_HEADERS = {
 }
 
 
-# --- What the metrics mean (written once, used by every page) ---------------------------------
+# --- What the metrics mean (worded by `evaluator.vocabulary`, for the benchmark shown) -----------
 
 
-@dataclass(frozen=True)
-class MetricInfo:
-    key: SortKey
-    label: str
-    short: str
-    explanation: str
+def benchmark_counts(spec: BenchmarkSpec) -> BenchmarkCounts:
+    """The numbers of ``spec`` that the metrics' texts state."""
+    return BenchmarkCounts(spec.worst_of_k, spec.grid.size, spec.vote_samples)
 
 
-METRICS: tuple[MetricInfo, ...] = (
-    MetricInfo(
-        SortKey.NATURAL, "Natural", "natural",
-        "Accuracy on the untransformed test images.",
-    ),
-    MetricInfo(
-        SortKey.RANDOM, "Random", "random",
-        "Accuracy when each image is rotated and translated by one transformation drawn "
-        "uniformly from the box.",
-    ),
-    MetricInfo(
-        SortKey.WORST_OF_K, "Worst-of-10", "worst-of-10",
-        "An image counts only if it is classified correctly under all 10 independent uniform "
-        "draws: a cheap random-search attack.",
-    ),
-    MetricInfo(
-        SortKey.GRID, "Grid", "grid",
-        "The headline number. An image counts only if it is classified correctly at every "
-        "one of the 775 grid points: the exhaustive attack.",
-    ),
-    MetricInfo(
-        SortKey.FIRST_ORDER, "First-order", "first-order",
-        "Projected gradient ascent on the cross-entropy over (θ, dx, dy) through the "
-        "differentiable resampling, inside the same box. Optional: empty where not measured "
-        "or where the model cannot be differentiated. Above grid means the gradient attack "
-        "missed worst cases the grid found.",
-    ),
-    MetricInfo(
-        SortKey.VOTE_NATURAL, "Vote", "vote",
-        "The majority-vote defense: the model's majority label over 10 random transformations "
-        "of its input. Accuracy of the defended model on untransformed images.",
-    ),
-    MetricInfo(
-        SortKey.GRID_VOTE, "Grid + vote (adaptive)", "grid + vote (adaptive)",
-        "The defended model under the adaptive attacker: the vote's 10 transformations for an "
-        "image are drawn once and reused, and the attacker searches all 775 grid points "
-        "against that fixed defended classifier; an image counts if the vote is right at "
-        "every point.",
-    ),
-)  # fmt: skip
-METRIC_KEYS = tuple(m.key.value for m in METRICS)
+def shared_counts(specs: Iterable[BenchmarkSpec]) -> BenchmarkCounts | None:
+    """The counts every one of ``specs`` has, or None when they differ (a page about several
+    benchmarks then words the metrics without numbers)."""
+    found = {benchmark_counts(spec) for spec in specs}
+    return found.pop() if len(found) == 1 else None
+
+
+def board_metrics(counts: BenchmarkCounts | None) -> list[MetricText]:
+    """The leaderboard's metric columns, in its order, worded for ``counts``."""
+    texts = metric_texts(counts)
+    return [texts[key] for key in BOARD_METRICS]
+
 
 TRAINING_LABELS = {
     TrainingMethod.STANDARD: "standard",
@@ -197,7 +171,7 @@ def _environment() -> jinja2.Environment:
         grid_value=grid_value,
     )  # fmt: skip
     env.globals.update(
-        static_url=static_url, METRICS=METRICS, TRAINING_LABELS=TRAINING_LABELS,
+        static_url=static_url, TRAINING_LABELS=TRAINING_LABELS,
         PAPER_URL=PAPER_URL, sortkeys=SortKey,
     )  # fmt: skip
     return env

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Any
 
 import jinja2
@@ -15,13 +16,22 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from api import plots
 from api.deps import SessionDep, SettingsDep, StorageDep, base_url
-from api.pages.rendering import METRICS, PageNotFound, find_submission, iso, render
+from api.pages.rendering import (
+    PageNotFound,
+    benchmark_counts,
+    board_metrics,
+    find_submission,
+    iso,
+    render,
+)
 from api.services.ablations import evaluation_ablations
 from api.services.benchmarks import get_benchmark
 from api.services.submissions import status_url
+from config.settings import Settings
 from db.models import Evaluation, Submission, SubmissionStatus
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import UnknownBenchmarkError
+from evaluator.vocabulary import VOTE_ATTACKER_KEYS, BenchmarkCounts, metric_texts
 from storage import ObjectNotFoundError, example_key
 from storage.keys import EXAMPLE_NAME, example_name
 
@@ -90,10 +100,18 @@ def _examples(submission: Submission, evaluation: Evaluation) -> list[dict[str, 
     return out
 
 
-def _metric_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
+def _counts(evaluation: Evaluation, spec: BenchmarkSpec | None) -> BenchmarkCounts | None:
+    """The numbers the metrics' texts state, as this evaluation ran them (its config, or the
+    benchmark record stored with it), else the benchmark's as it is now."""
+    config = evaluation.config if isinstance(evaluation.config, dict) else {}
+    recorded = BenchmarkCounts.of(config) or BenchmarkCounts.of(config.get("benchmark"))
+    return recorded or (benchmark_counts(spec) if spec is not None else None)
+
+
+def _metric_rows(evaluation: Evaluation, counts: BenchmarkCounts | None) -> list[dict[str, Any]]:
     details = evaluation.metrics or {}
     rows = []
-    for info in METRICS:
+    for info in board_metrics(counts):
         detail = details.get(info.key.value) if isinstance(details, dict) else None
         detail = detail if isinstance(detail, dict) else {}
         rows.append(
@@ -111,31 +129,19 @@ def _metric_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     return rows
 
 
-# The vote's attacker models in display order: (result key, name); the one-sentence
-# description shown with each comes from the result, and this one when an older result has none.
-VOTE_PROTOCOLS = (
-    ("grid_vote", "adaptive",
-     "The vote's 10 transformations for an image are drawn once and reused; the attacker "
-     "searches all grid points against that fixed defended classifier."),
-    ("grid_vote_per_query", "per-query",
-     "Fresh vote draws at every grid point: an attacker who may query again until the dice "
-     "fall its way."),
-    ("grid_vote_transfer", "transfer",
-     "The attacker picks the undefended model's worst grid point (misclassified first, then "
-     "highest cross-entropy) and the vote decides there once."),
-)  # fmt: skip
-
-
 def _fraction(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _vote_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
+def _vote_rows(evaluation: Evaluation, counts: BenchmarkCounts | None) -> list[dict[str, Any]]:
     """Grid + vote under each attacker model the result has, with the images behind it and
-    the grid's accuracy on those same images."""
+    the grid's accuracy on those same images. The sentence on what the attacker may do is the
+    result's own, or the vocabulary's when an older result has none."""
     details = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
+    texts = metric_texts(counts)
     rows = []
-    for key, name, attacker in VOTE_PROTOCOLS:
+    for name, key in VOTE_ATTACKER_KEYS.items():
+        attacker = texts[key].description
         detail = details.get(key)
         # A result from before the attacker models were named has a grid_vote without a
         # protocol (it was per-query): it is not shown as any of them.
@@ -178,6 +184,26 @@ def _ablation_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     return rows
 
 
+def _sharding(config: dict[str, Any]) -> dict[str, Any] | None:
+    """How a sharded evaluation was split (``config["sharding"]``, written by the worker that
+    merged it): shards, images per shard, workers and their names; None for an evaluation run
+    in one piece, or a record this page cannot read."""
+    record = config.get("sharding")
+    if not isinstance(record, dict):
+        return None
+    shards, workers = record.get("shards"), record.get("workers")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (shards, workers)):
+        return None
+    names = record.get("worker_names")
+    per_shard = record.get("shard_images")
+    return {
+        "shards": shards,
+        "workers": workers,
+        "shard_images": per_shard if isinstance(per_shard, int) and per_shard > 0 else None,
+        "worker_names": [str(n) for n in names] if isinstance(names, list) else [],
+    }
+
+
 def _has_landscape(evaluation: Evaluation) -> bool:
     try:
         plots._landscape_array(evaluation.landscape)
@@ -194,15 +220,19 @@ def _has_fool_counts(evaluation: Evaluation) -> bool:
     return True
 
 
+def _benchmark(name: str, settings: Settings) -> BenchmarkSpec | None:
+    try:
+        return get_benchmark(name, settings)
+    except UnknownBenchmarkError:  # a benchmark the operator has since removed
+        return None
+
+
 @router.get("/submissions/{submission_id}", response_class=HTMLResponse)
 def submission_page(
     request: Request, submission_id: str, session: SessionDep, settings: SettingsDep
 ) -> HTMLResponse:
     submission = find_submission(session, submission_id)
-    try:
-        spec: BenchmarkSpec | None = get_benchmark(submission.benchmark, settings)
-    except UnknownBenchmarkError:  # a benchmark the operator has since removed
-        spec = None
+    spec = _benchmark(submission.benchmark, settings)
     evaluation = _finished_evaluation(submission)
     active = submission.status in (SubmissionStatus.QUEUED, SubmissionStatus.RUNNING)
     context: dict[str, Any] = {
@@ -219,7 +249,8 @@ def submission_page(
     if evaluation is None:
         return render(request, "submission.html", context)
     try:
-        return render(request, "submission.html", _result_context(submission, evaluation, context))
+        result = _result_context(submission, evaluation, spec, context)
+        return render(request, "submission.html", result)
     except _MALFORMED as exc:
         # A stored result this page cannot show: say so rather than answer 500.
         log.warning("the stored result of %s cannot be shown: %r", submission.id, exc)
@@ -236,14 +267,19 @@ RESULT_ERROR = (
 
 
 def _result_context(
-    submission: Submission, evaluation: Evaluation, context: dict[str, Any]
+    submission: Submission,
+    evaluation: Evaluation,
+    spec: BenchmarkSpec | None,
+    context: dict[str, Any],
 ) -> dict[str, Any]:
     context = dict(context)
     config = evaluation.config or {}
     cost = evaluation.cost or {}
+    counts = _counts(evaluation, spec)
     context.update(
-        metrics=_metric_rows(evaluation),
-        votes=_vote_rows(evaluation),
+        metrics=_metric_rows(evaluation, counts),
+        votes=_vote_rows(evaluation, counts),
+        sharding=_sharding(config),
         ablations=_ablation_rows(evaluation),
         has_landscape=_has_landscape(evaluation),
         has_histogram=_has_fool_counts(evaluation),
@@ -296,13 +332,19 @@ def rotation_plot(request: Request, submission_id: str, session: SessionDep) -> 
 
 
 @router.get("/submissions/{submission_id}/fool-histogram.svg")
-def fool_histogram_plot(request: Request, submission_id: str, session: SessionDep) -> Response:
+def fool_histogram_plot(
+    request: Request, submission_id: str, session: SessionDep, settings: SettingsDep
+) -> Response:
     def draw(ev: Evaluation) -> bytes:
-        shape = (ev.landscape or {}).get("shape") or (ev.config or {}).get("grid") or [31, 5, 5]
-        points = 1
-        for n in shape:
-            points *= int(n)
-        return plots.fool_histogram_svg(ev.per_image, points)
+        # The grid this evaluation searched, as it recorded it; the benchmark's own only for
+        # a record without one.
+        shape = (ev.landscape or {}).get("shape") or (ev.config or {}).get("grid")
+        if not shape:
+            spec = _benchmark(ev.benchmark, settings)
+            if spec is None:
+                raise plots.PlotUnavailable("the evaluation does not record its grid")
+            shape = list(spec.grid.shape)
+        return plots.fool_histogram_svg(ev.per_image, math.prod(int(n) for n in shape))
 
     return _plot(request, session, submission_id, "fool-histogram", draw)
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas import LeaderboardPage, LeaderboardRow, SortKey, SortOrder
 from db.models import Evaluation, Submission, SubmissionStatus, User
-from evaluator.vocabulary import TrainingMethod
+from evaluator.vocabulary import BOARD_METRICS, TrainingMethod
 
 __all__ = [
     "CSV_COLUMNS",
@@ -36,18 +36,15 @@ __all__ = [
 
 MAX_PER_PAGE = 500
 
+# Each metric column of the board is the evaluation's column of the same name.
+METRIC_COLUMNS: dict[SortKey, Any] = {
+    SortKey(key): getattr(Evaluation, key) for key in BOARD_METRICS
+}
 _SORT_COLUMNS: dict[SortKey, Any] = {
-    SortKey.NATURAL: Evaluation.natural,
-    SortKey.RANDOM: Evaluation.random,
-    SortKey.WORST_OF_K: Evaluation.worst_of_k,
-    SortKey.GRID: Evaluation.grid,
-    SortKey.VOTE_NATURAL: Evaluation.vote_natural,
-    SortKey.GRID_VOTE: Evaluation.grid_vote,
-    SortKey.FIRST_ORDER: Evaluation.first_order,
+    **METRIC_COLUMNS,
     SortKey.CREATED_AT: Submission.created_at,
     SortKey.NAME: func.lower(Submission.display_name),
 }
-_NON_METRICS = (SortKey.CREATED_AT, SortKey.NAME)
 
 
 def default_order(sort: SortKey) -> SortOrder:
@@ -68,21 +65,11 @@ _ROW_COLUMNS = (
     Submission.extra_data,
     Submission.paper_url,
     Submission.is_baseline,
-    Evaluation.natural,
-    Evaluation.random,
-    Evaluation.worst_of_k,
-    Evaluation.grid,
-    Evaluation.vote_natural,
-    Evaluation.grid_vote,
-    Evaluation.first_order,
+    *METRIC_COLUMNS.values(),
     Evaluation.images,
     Submission.created_at,
     Submission.finished_at,
 )
-
-METRIC_COLUMNS: dict[SortKey, Any] = {
-    key: column for key, column in _SORT_COLUMNS.items() if key not in _NON_METRICS
-}
 
 
 def _filters(

@@ -5,15 +5,16 @@ from __future__ import annotations
 import csv
 import io
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.routes.leaderboard import MAX_PAGE
-from api.schemas import SortKey, SortOrder
+from api.schemas import LeaderboardRow, Metrics, SortKey, SortOrder
 from api.services.leaderboard import MAX_PER_PAGE, leaderboard
-from db.models import SubmissionStatus, utcnow
-from evaluator.vocabulary import TrainingMethod
+from db.models import Evaluation, SubmissionStatus, utcnow
+from evaluator.vocabulary import BOARD_METRICS, METRIC_KEYS, TrainingMethod
 from tests.api.conftest import Account
 from tests.api.factories import create_finished, create_submission
 from tests.fixtures_db import TestDatabase
@@ -55,7 +56,7 @@ def board(test_db: TestDatabase, alice: Account, bob: Account) -> dict[str, str]
     return ids
 
 
-def _names(body: dict) -> list[str]:
+def _names(body: dict[str, Any]) -> list[str]:
     return [row["display_name"] for row in body["rows"]]
 
 
@@ -196,3 +197,12 @@ def test_first_order_sorts_with_missing_values_last_in_json_and_csv(
         client.get("/api/v1/leaderboard/digits?sort=first_order&format=csv").text
     )))  # fmt: skip
     assert [r["first_order"] for r in rows] == ["0.8", "0.6", ""]
+
+
+def test_the_typed_fields_of_the_metrics_are_the_vocabularys_keys() -> None:
+    # Schemas and columns are typed, so they spell the keys out; they must be the vocabulary's.
+    assert list(Metrics.model_fields) == list(METRIC_KEYS)
+    sortable = {k.value for k in SortKey} - {SortKey.CREATED_AT.value, SortKey.NAME.value}
+    assert sortable == {k.value for k in BOARD_METRICS}
+    assert set(BOARD_METRICS) <= set(LeaderboardRow.model_fields)
+    assert set(BOARD_METRICS) <= set(Evaluation.__table__.columns.keys())

@@ -1,5 +1,6 @@
 """The local CLI: evaluate a registry model on digits and a .pt2 model on an imagefolder."""
 
+import io
 import json
 from pathlib import Path
 
@@ -7,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from evaluator.attacks import VoteProtocol
 from evaluator.benchmarks import DEFAULT_LANDSCAPE_SUBSET
-from evaluator.cli import app
+from evaluator.cli import app, results_table
 from evaluator.models import get_architecture
+from evaluator.vocabulary import METRIC_KEYS, VOTE_ATTACKER_KEYS
 
 runner = CliRunner()
 
@@ -38,20 +42,11 @@ def test_evaluate_digits_prints_the_table_and_writes_the_json(
     assert result.exit_code == 0, result.output
     assert "grid (headline)" in result.output
     for attacker in ("adaptive", "per-query", "transfer"):
-        assert f"grid + vote, {attacker} attacker" in result.output
+        assert f"grid + vote ({attacker})" in result.output
+    assert "worst-of-10" in result.output
     assert "first-order" in result.output and "ablation: black canvas" in result.output
     doc = json.loads(out.read_text())
-    assert set(doc["metrics"]) == {
-        "natural",
-        "random",
-        "worst_of_k",
-        "grid",
-        "vote_natural",
-        "grid_vote",
-        "grid_vote_per_query",
-        "grid_vote_transfer",
-        "first_order",
-    }
+    assert set(doc["metrics"]) == set(METRIC_KEYS)
     assert set(doc["ablations"]) == {
         "rotation-only",
         "translation-only",
@@ -195,3 +190,26 @@ def test_unknown_ablation_is_refused_with_the_known_names(digits_weights: Path) 
          "--arch", "small_cnn", "--ablations", "rotation-only,mirror"],
     )  # fmt: skip
     assert result.exit_code != 0 and "black-canvas" in result.output
+
+
+def test_results_table_names_the_metrics_with_the_benchmarks_numbers() -> None:
+    metric = {"accuracy": 0.5, "correct": 6, "total": 12}
+    result = {
+        "benchmark": {"name": "tiny", "grid": [5, 3, 3], "grid_points": 45, "worst_of_k": 4,
+                      "vote_samples": 3},
+        "metrics": {"worst_of_k": metric, "grid": metric},
+        "cost": {"forward_passes": 600, "full_grid_forward_passes": 540, "wall_time_s": 1.0,
+                 "device": "cpu", "precision": "fp32", "seed": 0},
+        "forward_passes": {"grid": 300},
+    }  # fmt: skip
+    buffer = io.StringIO()
+    Console(file=buffer, width=200).print(results_table(result))
+    text = buffer.getvalue()
+    assert "worst-of-4" in text and "grid (headline)" in text
+    assert "of-10" not in text
+
+
+def test_every_vote_attacker_has_the_vocabularys_result_key() -> None:
+    # The vocabulary names the keys without importing the library (it is a leaf module), so
+    # the two spellings are held together here.
+    assert {p.value: p.metric_key for p in VoteProtocol} == VOTE_ATTACKER_KEYS

@@ -16,8 +16,12 @@ THETAS = [-30.0 + 2.0 * i for i in range(31)]
 SHIFTS = [-3.0, -1.5, 0.0, 1.5, 3.0]
 
 
-def landscape(natural: float = 0.95, sensitivity: float = 1.0, images: int = 540) -> dict[str, Any]:
-    """A 31 x 5 x 5 landscape: ``natural`` at the identity, lower away from it."""
+def landscape(
+    natural: float = 0.95, sensitivity: float = 1.0, images: int = 540,
+    thetas: list[float] = THETAS, shifts: list[float] = SHIFTS,
+) -> dict[str, Any]:  # fmt: skip
+    """A landscape over ``thetas`` x ``shifts`` x ``shifts`` (the digits benchmark's 31 x 5 x 5
+    by default): ``natural`` at the identity, lower away from it."""
     acc = [
         [
             [
@@ -25,25 +29,27 @@ def landscape(natural: float = 0.95, sensitivity: float = 1.0, images: int = 540
                     natural * math.exp(-sensitivity * ((t / 30) ** 2 * 1.2 + (dx**2 + dy**2) / 30)),
                     4,
                 )
-                for dy in SHIFTS
+                for dy in shifts
             ]
-            for dx in SHIFTS
+            for dx in shifts
         ]
-        for t in THETAS
+        for t in thetas
     ]
     correct = [round(a * images) for plane in acc for row in plane for a in row]
     return {
-        "shape": [31, 5, 5],
-        "thetas": THETAS,
-        "dxs": SHIFTS,
-        "dys": SHIFTS,
+        "shape": [len(thetas), len(shifts), len(shifts)],
+        "thetas": thetas,
+        "dxs": shifts,
+        "dys": shifts,
         "images": images,
         "correct": correct,
         "accuracy": acc,
     }
 
 
-def per_image(images: int = 540, robust: float = 0.3, seed: int = 0) -> dict[str, Any]:
+def per_image(
+    images: int = 540, robust: float = 0.3, seed: int = 0, grid_points: int = 775
+) -> dict[str, Any]:
     """Per-image records with ``grid_fool_count`` (the last 40 outside the landscape subset)."""
     rng = random.Random(seed)
     counts = []
@@ -53,7 +59,8 @@ def per_image(images: int = 540, robust: float = 0.3, seed: int = 0) -> dict[str
         elif rng.random() < robust:
             counts.append(0)
         else:
-            counts.append(min(775, int(rng.expovariate(1 / 120)) + 1))
+            # A mean of 120 fooling points on the 775-point grid, in proportion on others.
+            counts.append(min(grid_points, int(rng.expovariate(775 / (120 * grid_points))) + 1))
     return {
         "index": list(range(images)),
         "grid_fool_count": counts,
@@ -85,7 +92,7 @@ def write_examples(storage_dir: Path, submission_id: str, count: int = 4) -> lis
         for kind, tensor in (("original", image), ("transformed", moved)):
             array = (tensor[0, 0].clamp(0, 1) * 255).round().byte().numpy()
             name = f"{n:02d}_{kind}.png"
-            Image.fromarray(array).resize((96, 96), Image.NEAREST).save(folder / name)
+            Image.fromarray(array).resize((96, 96), Image.Resampling.NEAREST).save(folder / name)
             names[kind] = f"examples/{submission_id}/{name}"
         out.append(
             {

@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import Environment, Settings
 from db.migrate import upgrade
 from db.models import Evaluation, Submission, SubmissionStatus
 from db.session import make_engine
@@ -148,7 +148,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     url = f"sqlite:///{folder / 'spatialbench.db'}"
     upgrade(url)
     settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, env="test", state_dir=folder, storage_dir=folder / "models",
+        _env_file=None, env=Environment.TEST, state_dir=folder, storage_dir=folder / "models",
         database_url=url, auto_migrate=True,
     )  # fmt: skip
     assert settings.storage_dir is not None

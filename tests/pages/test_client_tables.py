@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from rich.console import Console
 
+from evaluator.vocabulary import BenchmarkCounts
 from spatialbench import client as cli
 from tests.api.conftest import Account
 from tests.api.factories import create_finished
@@ -37,8 +38,10 @@ def test_leaderboard_table_names_the_attacker_and_has_first_order(
     client: TestClient, board: Board, full: str
 ) -> None:
     body = client.get("/api/v1/leaderboard/digits?sort=first_order").json()
-    text = _rendered(cli.leaderboard_table(body, "digits", "first_order"))
-    assert "grid+vote (adaptive)" in text and "first-order" in text
+    benchmarks = client.get("/api/v1/benchmarks").json()
+    counts = BenchmarkCounts.of(next(b for b in benchmarks if b["name"] == "digits"))
+    text = _rendered(cli.leaderboard_table(body, "digits", "first_order", counts))
+    assert "grid + vote (adaptive)" in text and "first-order" in text and "worst-of-10" in text
     assert "CLI record" in text and "75.00%" in text
 
 
@@ -49,8 +52,8 @@ def test_status_lists_each_attacker_with_its_images(
     monkeypatch.setattr(cli, "out", Console(file=buffer, width=220))
     cli.print_state(client.get(f"/api/v1/submissions/{full}").json())
     text = buffer.getvalue()
-    assert "grid+vote (adaptive)" in text and "80.00% (50 images)" in text
-    assert "grid+vote (per-query)" in text and "12.00% (50 images)" in text
-    assert "grid+vote (transfer)" in text and "86.00% (50 images)" in text
+    assert "grid + vote (adaptive)" in text and "80.00% (50 images)" in text
+    assert "grid + vote (per-query)" in text and "12.00% (50 images)" in text
+    assert "grid + vote (transfer)" in text and "86.00% (50 images)" in text
     assert "first-order" in text and "75.00% (60 images)" in text
     assert "grid" in text and "71.00% (540 images)" in text

@@ -47,6 +47,12 @@ def header_link(page: str, label: str) -> str:
     return html.unescape(match.group(1))
 
 
+def download_link(page: str, media_type: str) -> str:
+    match = re.search(r'<a href="([^"]+)" type="' + re.escape(media_type) + '">', page)
+    assert match, f"no {media_type} link"
+    return html.unescape(match.group(1))
+
+
 def aria_sorted(page: str) -> list[tuple[str, str]]:
     """(aria-sort, header text) of the sorted column(s)."""
     return [
@@ -209,8 +215,7 @@ def test_best_value_in_each_column_is_marked_over_all_pages(client: TestClient, 
 
 def test_json_and_csv_links_give_exactly_the_rows_shown(client: TestClient, board: Board):
     page = get_html(client, "/leaderboard/digits?sort=natural&order=asc&per_page=2&page=2")
-    json_link = html.unescape(re.search(r'<a href="([^"]+)" type="application/json">', page)[1])
-    csv_link = html.unescape(re.search(r'<a href="([^"]+)" type="text/csv">', page)[1])
+    json_link, csv_link = download_link(page, "application/json"), download_link(page, "text/csv")
     assert urlsplit(json_link).path == "/api/v1/leaderboard/digits"
     assert parse_qs(urlsplit(json_link).query) == {
         "sort": ["natural"], "order": ["asc"], "page": ["2"], "per_page": ["2"],
@@ -226,7 +231,7 @@ def test_json_and_csv_links_give_exactly_the_rows_shown(client: TestClient, boar
 
 def test_json_link_carries_the_filters(client: TestClient, board: Board):
     page = get_html(client, "/leaderboard/digits?training_method=augmentation&search=cnn")
-    json_link = html.unescape(re.search(r'<a href="([^"]+)" type="application/json">', page)[1])
+    json_link = download_link(page, "application/json")
     query = parse_qs(urlsplit(json_link).query)
     assert query["training_method"] == ["augmentation"] and query["search"] == ["cnn"]
     rows = client.get(json_link).json()["rows"]
