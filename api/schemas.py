@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from db.models import SubmissionStatus
-from evaluator.vocabulary import ModelFormat, TrainingMethod
+from evaluator.vocabulary import MetricKey, ModelFormat, TrainingMethod
 
 __all__ = [
     "ArchitecturePublic",
@@ -156,7 +156,8 @@ class SubmissionCreate(BaseModel):
 
 
 class Metrics(BaseModel):
-    """The headline accuracies (fractions in [0, 1]; None when not measured). ``grid_vote``
+    """The headline accuracies (fractions in [0, 1]; None when not measured), one field per
+    `evaluator.vocabulary.MetricKey`, in its order. ``grid_vote``
     is the vote under the ``adaptive`` attacker; ``grid_vote_per_query`` and
     ``grid_vote_transfer`` under the other two attacker models (their one-sentence
     descriptions and image counts are in `EvaluationPublic.details`)."""
@@ -291,15 +292,17 @@ class MePublic(BaseModel):
 
 
 class SortKey(StrEnum):
-    """What the leaderboard can be sorted by: a metric, the submission time or the name."""
+    """What the leaderboard can be sorted by: one of its metric columns
+    (`evaluator.vocabulary.BOARD_METRICS`, whose keys these are), the submission time or the
+    name."""
 
-    NATURAL = "natural"
-    RANDOM = "random"
-    WORST_OF_K = "worst_of_k"
-    GRID = "grid"
-    VOTE_NATURAL = "vote_natural"
-    GRID_VOTE = "grid_vote"
-    FIRST_ORDER = "first_order"
+    NATURAL = MetricKey.NATURAL.value
+    RANDOM = MetricKey.RANDOM.value
+    WORST_OF_K = MetricKey.WORST_OF_K.value
+    GRID = MetricKey.GRID.value
+    VOTE_NATURAL = MetricKey.VOTE_NATURAL.value
+    GRID_VOTE = MetricKey.GRID_VOTE.value
+    FIRST_ORDER = MetricKey.FIRST_ORDER.value
     CREATED_AT = "created_at"
     NAME = "name"
 
