@@ -190,18 +190,6 @@ class MetricValue:
         }
 
 
-# Result keys of the metrics, in display order.
-METRIC_KEYS = (
-    "natural",
-    "random",
-    "worst_of_k",
-    "grid",
-    "vote_natural",
-    *(p.metric_key for p in VoteProtocol),
-    "first_order",
-)
-
-
 @dataclass
 class EvaluationResult:
     """Everything an evaluation measured. ``per_image`` holds one list per field, aligned with
