@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     HttpUrl,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from db.models import SubmissionStatus
+from api.services.ablations import evaluation_ablations
+from api.urls import api_path
+from db.models import Base, Evaluation, Submission, SubmissionStatus
 from evaluator.vocabulary import MetricKey, ModelFormat, TrainingMethod
 
 __all__ = [
@@ -46,11 +49,21 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
-
-
 class _Public(BaseModel):
+    """A response validated from ORM rows: ``model_validate(row, from_attributes=True)``."""
+
     model_config = ConfigDict(from_attributes=True)
+
+
+def _columns(row: Base, names: Iterable[str]) -> dict[str, Any]:
+    """The values of ``row``'s columns that a schema has fields of the same name for."""
+    table = row.__table__
+    return {name: getattr(row, name) for name in names if name in table.c}
+
+
+def _accuracy(details: dict[str, Any], key: str) -> float | None:
+    value = details.get(key)
+    return value.get("accuracy") if isinstance(value, dict) else None
 
 
 # --- Submissions ----------------------------------------------------------------------------
@@ -193,7 +206,26 @@ class EvaluationPublic(_Public):
     versions: dict[str, Any]
     config: dict[str, Any]
     cost: dict[str, Any]
-    created_at: UtcDatetime
+    created_at: datetime
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, data: Any) -> Any:
+        """An `Evaluation` row keeps the per-metric records in its ``metrics`` JSON (``details``
+        here); a headline accuracy is its column where it has one, else the accuracy in that
+        JSON (the vote's per-query and transfer attackers)."""
+        if not isinstance(data, Evaluation):
+            return data
+        details = data.metrics or {}
+        metrics = {
+            key: getattr(data, key) if key in Evaluation.__table__.c else _accuracy(details, key)
+            for key in Metrics.model_fields
+        }
+        return _columns(data, cls.model_fields) | {
+            "metrics": metrics,
+            "details": data.metrics,
+            "ablations": evaluation_ablations(data),
+        }
 
 
 class SubmissionPublic(_Public):
@@ -222,11 +254,28 @@ class SubmissionPublic(_Public):
     message: str | None
     attempts: int
     cancel_requested: bool
-    created_at: UtcDatetime
-    started_at: UtcDatetime | None
-    finished_at: UtcDatetime | None
-    heartbeat_at: UtcDatetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
     evaluation: EvaluationPublic | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, data: Any, info: ValidationInfo) -> Any:
+        """A `Submission` row loaded with its owner and evaluation: its columns, the owner's
+        name, the evaluation only once finished (an earlier run's row stays until a new result
+        replaces it), and ``status_url`` under the ``base_url`` of the validation context
+        (absolute when the caller gives the request's)."""
+        if not isinstance(data, Submission):
+            return data
+        base_url = (info.context or {}).get("base_url", "")
+        finished = data.status is SubmissionStatus.FINISHED
+        return _columns(data, cls.model_fields) | {
+            "status_url": base_url + api_path(f"/submissions/{data.id}"),
+            "owner": data.owner.name,
+            "evaluation": data.evaluation if finished else None,
+        }
 
 
 class SubmissionAccepted(SubmissionPublic):
@@ -331,8 +380,8 @@ class LeaderboardRow(BaseModel):
     grid_vote: float | None
     first_order: float | None = None
     images: int
-    created_at: UtcDatetime
-    finished_at: UtcDatetime | None
+    created_at: datetime
+    finished_at: datetime | None
 
 
 class LeaderboardPage(BaseModel):

@@ -12,7 +12,7 @@ from api.services.benchmarks import (
     list_architectures,
     list_benchmarks,
 )
-from api.services.submissions import limits, usage
+from api.services.caps import limits, usage
 
 router = APIRouter()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from pydantic import ValidationError
@@ -20,17 +20,15 @@ from api.deps import (
 )
 from api.errors import error_body, invalid_input
 from api.schemas import SubmissionAccepted, SubmissionCreate, SubmissionList, SubmissionPublic
-from api.services.submissions import (
-    cancel_submission,
-    check_caps,
-    list_submissions,
-    submission_public,
-    submit,
-)
+from api.services.caps import check_caps
+from api.services.submissions import cancel_submission, list_submissions
+from api.services.submit import submit
 from api.services.uploads import FILE_FIELD, discard, receive_multipart
-from db.models import SubmissionStatus
+from db.models import Submission, SubmissionStatus
 
 router = APIRouter(prefix="/submissions", tags=["submissions"])
+
+Public = TypeVar("Public", bound=SubmissionPublic)
 
 # Far past anyone's submissions, and within a 64-bit offset (beyond it the database driver
 # fails with OverflowError, a 500).
@@ -42,6 +40,13 @@ def _error(description: str, error: str, detail: str) -> dict[str, Any]:
         "description": description,
         "content": {"application/json": {"example": error_body(error, detail)}},
     }
+
+
+def _public(schema: type[Public], submission: Submission, request: Request) -> Public:
+    """The API's view of ``submission`` (loaded with its owner and evaluation), its
+    ``status_url`` absolute under the URL this request came to."""
+    context = {"base_url": base_url(request)}
+    return schema.model_validate(submission, from_attributes=True, context=context)
 
 
 def _upload_schema() -> dict[str, Any]:
@@ -134,8 +139,8 @@ async def create_submission(
         background.add_task(enqueue_after_commit, enqueue, result.submission.id)
     else:
         response.status_code = 200
-    public = submission_public(result.submission, base_url(request))
-    return SubmissionAccepted(**public.model_dump(), duplicate=result.duplicate)
+    accepted = _public(SubmissionAccepted, result.submission, request)
+    return accepted.model_copy(update={"duplicate": result.duplicate})
 
 
 @router.get("", response_model=SubmissionList, summary="Your submissions")
@@ -152,9 +157,11 @@ def list_own_submissions(
     items, total = list_submissions(
         session, user, status=status, benchmark=benchmark, limit=limit, offset=offset
     )
-    url = base_url(request)
     return SubmissionList(
-        items=[submission_public(s, url) for s in items], total=total, limit=limit, offset=offset
+        items=[_public(SubmissionPublic, s, request) for s in items],
+        total=total,
+        limit=limit,
+        offset=offset,
     )
 
 
@@ -164,7 +171,7 @@ def read_submission(request: Request, submission: SubmissionDep) -> Response:
     once finished. Private submissions are visible to their owner only (404 for others)."""
     # Serialised once, here: returned as a model, it would be dumped, validated against
     # `response_model` and serialised again, on the path every poll takes.
-    public = submission_public(submission, base_url(request))
+    public = _public(SubmissionPublic, submission, request)
     return Response(public.model_dump_json(), media_type="application/json")
 
 
@@ -176,4 +183,4 @@ def cancel(
 ) -> SubmissionPublic:
     """Queued: cancelled at once. Running: `cancel_requested` is set and the worker stops it
     within seconds. Finished or failed: 409."""
-    return submission_public(cancel_submission(session, submission, user), base_url(request))
+    return _public(SubmissionPublic, cancel_submission(session, submission, user), request)

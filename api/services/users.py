@@ -15,7 +15,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from api.errors import Conflict, InvalidInput, NotFound, Unauthorized
-from api.schemas import as_utc
 from db.models import ApiToken, User, utcnow
 
 __all__ = [
@@ -134,7 +133,7 @@ def authenticate(session: Session, token: str, now: datetime | None = None) -> U
     if row.revoked_at is not None:
         raise Unauthorized("This API token was revoked; ask the operator for a new one.")
     now = now or utcnow()
-    last = as_utc(row.last_used_at)
+    last = row.last_used_at
     if last is None or now - last >= LAST_USED_RESOLUTION:
         row.last_used_at = now
         session.flush()
