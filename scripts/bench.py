@@ -10,9 +10,16 @@ inference throughput. For each shipped digits baseline, side by side in one run:
   (c) forward passes used against the 775 x N of a full grid,
   (r) a straightforward early-exit reference, timed alternately with (a) and (b): the natural
       pass, then per round every standing image tries its next untried grid point in a fixed
-      order (the grid's prior order), batch by batch, and stops at its first fooling point;
-      the ratio (r)/(a) is the search's gain over it, and both forward-pass counts are printed,
-and the same attack without early exit for reference.
+      order (the grid's prior order less the identity, which the natural pass answered),
+      batch by batch, and stops at its first fooling point,
+  (r2) the same fixed order and early exit, but each round fills one batch: the standing
+      images (at most a batch of them) share it equally, each trying its next points in the
+      fixed order, and leave after the round in which one fooled them; where (r) runs one
+      batch per grid point for the last few standing images (775 one-image batches for one
+      robust image), (r2) keeps its batches full,
+the ratios (r)/(a) and (r2)/(a) (the search's gain over each), the forward passes and batches
+(model calls) of (a), (r) and (r2), and the same attack without early exit for reference.
+Both references must find the same robust images as (a), or the run stops.
 
 synthetic (the default on a GPU): the paper's two settings at full size with random weights
 and random images: a CIFAR-10-shaped benchmark (the paper's ResNet-32, 10,000 images of
@@ -31,8 +38,11 @@ attack's time spent resampling (the transform). --quick shrinks it to run on a C
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -63,7 +73,7 @@ class InMemory:
     """The benchmark's images decoded once and held in memory, ``repeat`` times over (so a GPU
     has enough work to time); as for (b), reading and decoding files is not part of (a)."""
 
-    def __init__(self, dataset, repeat: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, dataset, repeat: int) -> None:
         self.images, self.labels = dataset.load(torch.arange(len(dataset)))
         self.repeat = repeat
         self.num_classes = dataset.num_classes
@@ -71,9 +81,39 @@ class InMemory:
     def __len__(self) -> int:
         return len(self.labels) * self.repeat
 
-    def load(self, indices: torch.Tensor):  # type: ignore[no-untyped-def]
+    def load(self, indices: torch.Tensor):
         rows = indices % len(self.labels)
         return self.images[rows], self.labels[rows]
+
+
+class CountBatches(torch.nn.Module):
+    """The model, counting the batches it is given by size: how full the batches of the
+    attack and of the references are."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.sizes: collections.Counter[int] = collections.Counter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes[x.shape[0]] += 1
+        return self.model(x)
+
+    @property
+    def batches(self) -> int:
+        return sum(self.sizes.values())
+
+
+@dataclass
+class Cost:
+    """One way of running the grid attack: median wall time, forward passes, model calls."""
+
+    seconds: float
+    passes: int
+    batches: int
+
+    def counts(self) -> str:
+        return f"{self.passes:,} / {self.batches:,}"
 
 
 @dataclass
@@ -81,27 +121,29 @@ class Row:
     model: str
     images: int
     grid_accuracy: float
-    attack_s: float
+    attack: Cost
     inference_s: float
-    passes: int
+    reference: Cost
+    filled_reference: Cost
     full_grid_passes: int
     no_exit_s: float
-    reference_s: float
-    reference_passes: int
 
     def cells(self) -> list[str]:
         return [
             self.model,
             f"{self.images}",
             f"{100 * self.grid_accuracy:.1f}%",
-            f"{self.attack_s:.2f}",
+            f"{self.attack.seconds:.2f}",
             f"{self.inference_s:.2f}",
-            f"{self.attack_s / self.inference_s:.3f}",
-            f"{self.reference_s:.2f}",
-            f"{self.reference_s / self.attack_s:.2f}",
-            f"{self.passes:,}",
-            f"{self.reference_passes:,}",
-            f"{self.passes / self.full_grid_passes:.1%}",
+            f"{self.attack.seconds / self.inference_s:.2f}",
+            f"{self.reference.seconds:.2f}",
+            f"{self.reference.seconds / self.attack.seconds:.2f}",
+            f"{self.filled_reference.seconds:.2f}",
+            f"{self.filled_reference.seconds / self.attack.seconds:.2f}",
+            self.attack.counts(),
+            self.reference.counts(),
+            self.filled_reference.counts(),
+            f"{self.attack.passes / self.full_grid_passes:.1%}",
             "-" if self.no_exit_s != self.no_exit_s else f"{self.no_exit_s:.2f}",
         ]
 
@@ -122,28 +164,92 @@ def plain_inference_seconds(classifier: Classifier, images: torch.Tensor, passes
     return time.perf_counter() - start
 
 
+class Meter:
+    """Wall time, forward passes and model calls of each run measured, by name: every round's
+    time, the counts of the last (they are the same every round)."""
+
+    def __init__(self, classifier: Classifier, counted: CountBatches) -> None:
+        self.classifier, self.counted = classifier, counted
+        self.times: dict[str, list[float]] = collections.defaultdict(list)
+        self.counts: dict[str, tuple[int, int]] = {}
+
+    @contextmanager
+    def measure(self, key: str) -> Iterator[None]:
+        passes, batches = self.classifier.forward_passes, self.counted.batches
+        start = time.perf_counter()
+        yield
+        _sync(self.classifier.device)
+        self.times[key].append(time.perf_counter() - start)
+        self.counts[key] = (
+            self.classifier.forward_passes - passes,
+            self.counted.batches - batches,
+        )
+
+    def cost(self, key: str) -> Cost:
+        return Cost(statistics.median(self.times[key]), *self.counts[key])
+
+
+def _fixed_order(grid: GridSpec, device: torch.device) -> torch.Tensor:
+    """The references' order: the grid's prior order less the identity, whose answer the
+    natural pass has given (as the service's search takes it from there too)."""
+    prior, identity = grid.prior_order(), grid.identity_index()
+    return (prior if identity is None else prior[prior != identity]).to(device)
+
+
 def reference_attack(
     classifier: Classifier,
     images: torch.Tensor,
     labels: torch.Tensor,
     grid: GridSpec,
     fill: FillMode,
-) -> tuple[int, int]:
+) -> int:
     """(r): the natural pass, then rounds in which every standing image tries its next grid
-    point in the grid's prior order, in batches of the classifier's batch size, until it is
-    fooled or has tried them all. Returns (images robust, forward passes)."""
-    passes_before = classifier.forward_passes
-    points, prior = grid.points().to(images.device), grid.prior_order().to(images.device)
+    point in a fixed order, in batches of the classifier's batch size, until it is fooled or
+    has tried them all. Returns the number of images robust."""
+    points, order = grid.points().to(images.device), _fixed_order(grid, images.device)
     standing = classifier.logits(images).argmax(dim=1) == labels
-    for step in range(grid.size):
+    for point in order:
         active = standing.nonzero().squeeze(1)
         if active.numel() == 0:
             break
         for batch in active.split(classifier.batch_size):
-            cand = prior[step].expand(batch.numel())
-            moved = spatial_transform(images[batch], points[cand], fill)
+            moved = spatial_transform(images[batch], points[point.expand(batch.numel())], fill)
             standing[batch] = classifier.logits(moved).argmax(dim=1) == labels[batch]
-    return int(standing.sum()), classifier.forward_passes - passes_before
+    return int(standing.sum())
+
+
+def filled_reference_attack(
+    classifier: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    grid: GridSpec,
+    fill: FillMode,
+) -> int:
+    """(r2): the natural pass, then rounds of one full batch each: the first ``batch``
+    standing images share it as equally as whole numbers allow, each trying its next grid
+    points in the same fixed order as (r), and an image leaves after the round in which one
+    of them fooled it (so it may spend up to its share less one pass past that point).
+    Returns the number of images robust."""
+    device, batch = images.device, classifier.batch_size
+    points, order = grid.points().to(device), _fixed_order(grid, device)
+    standing = classifier.logits(images).argmax(dim=1) == labels
+    tried = torch.zeros(len(labels), dtype=torch.long, device=device)
+    while True:
+        active = (standing & (tried < order.numel())).nonzero().squeeze(1)[:batch]
+        if active.numel() == 0:
+            break
+        n = active.numel()
+        share = batch // n + (torch.arange(n, device=device) < batch % n).long()
+        take = torch.minimum(share, order.numel() - tried[active])
+        rows = active.repeat_interleave(take)
+        # Each image's pairs are its next `take` points: offsets 0, 1, ... within its run.
+        starts = (take.cumsum(0) - take).repeat_interleave(take)
+        steps = tried[rows] + torch.arange(rows.numel(), device=device) - starts
+        moved = spatial_transform(images[rows], points[order[steps]], fill)
+        fooled = classifier.logits(moved).argmax(dim=1) != labels[rows]
+        standing[rows[fooled]] = False
+        tried[active] += take
+    return int(standing.sum())
 
 
 def _sync(device: torch.device) -> None:
@@ -154,40 +260,37 @@ def _sync(device: torch.device) -> None:
 def bench_model(name: str, model: torch.nn.Module, args: argparse.Namespace) -> Row:
     spec = get_benchmark("digits")
     dataset = InMemory(load_dataset(spec, None), args.repeat)
+    counted = CountBatches(model)
     classifier = Classifier(
-        model, 10, device=args.device, batch_size=args.batch_size, bf16=args.bf16
+        counted, 10, device=args.device, batch_size=args.batch_size, bf16=args.bf16
     )
     warm = grid_only(limit=classifier.batch_size, landscape_subset=0)
     evaluate(classifier, dataset, spec, warm)
     _sync(classifier.device)
 
-    # This machine's speed drifts (shared cores), so (a) and (b) are measured alternately,
-    # `rounds` times each, and the medians compared.
+    # This machine's speed drifts (shared cores), so (r), (r2), (a) and (b) are measured
+    # alternately, `rounds` times each, and the medians compared.
     options = grid_only(landscape_subset=0)
     images, _ = dataset.load(torch.arange(min(len(dataset), 4096)))
     images = images.to(classifier.device)
     all_images, all_labels = (
         t.to(classifier.device) for t in dataset.load(torch.arange(len(dataset)))
     )
-    attack_times, inference_times, reference_times = [], [], []
+    references = {"r": reference_attack, "r2": filled_reference_attack}
+    robust_by: dict[str, int] = {}
+    meter = Meter(classifier, counted)
     for _ in range(args.rounds):
-        start = time.perf_counter()
-        reference_robust, reference_passes = reference_attack(
-            classifier, all_images, all_labels, spec.grid, spec.fill
-        )
-        _sync(classifier.device)
-        reference_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        result = evaluate(classifier, dataset, spec, options)
-        _sync(classifier.device)
-        attack_times.append(time.perf_counter() - start)
+        for key, reference in references.items():
+            with meter.measure(key):
+                robust_by[key] = reference(classifier, all_images, all_labels, spec.grid, spec.fill)
+        with meter.measure("a"):
+            result = evaluate(classifier, dataset, spec, options)
         passes = result.forward_passes["total"]
-        inference_times.append(plain_inference_seconds(classifier, images, passes))
-    attack_s, inference_s = statistics.median(attack_times), statistics.median(inference_times)
-    # The reference must agree with the service on which images survive, or it times
+        meter.times["b"].append(plain_inference_seconds(classifier, images, passes))
+    # The references must agree with the service on which images survive, or they time
     # something else.
     robust = round((result.accuracy("grid") or 0.0) * len(dataset))
-    assert reference_robust == robust, (reference_robust, robust)
+    assert all(n == robust for n in robust_by.values()), (robust_by, robust)
 
     no_exit_s = float("nan")
     if args.full_grid:
@@ -199,13 +302,12 @@ def bench_model(name: str, model: torch.nn.Module, args: argparse.Namespace) -> 
         model=name,
         images=len(dataset),
         grid_accuracy=result.accuracy("grid") or 0.0,
-        attack_s=attack_s,
-        inference_s=inference_s,
-        passes=passes,
+        attack=meter.cost("a"),
+        inference_s=statistics.median(meter.times["b"]),
+        reference=meter.cost("r"),
+        filled_reference=meter.cost("r2"),
         full_grid_passes=result.cost["full_grid_forward_passes"],
         no_exit_s=no_exit_s,
-        reference_s=statistics.median(reference_times),
-        reference_passes=reference_passes,
     )
 
 
@@ -474,7 +576,8 @@ def run_digits(args: argparse.Namespace) -> None:
         models.append(("resnet32 (untrained)", resnet))
 
     header = ["model", "images", "grid acc", "(a) attack s", "(b) inference s", "(a)/(b)",
-              "(r) reference s", "(r)/(a)", "(c) grid passes", "(r) passes", "of 775 x N",
+              "(r) s", "(r)/(a)", "(r2) s", "(r2)/(a)", "(a) passes / batches",
+              "(r) passes / batches", "(r2) passes / batches", "(a) of 775 x N",
               "no early exit s"]  # fmt: skip
     rows = [bench_model(name, model, args).cells() for name, model in models]
     print(f"device {args.device}, batch {args.batch_size}, {'bf16' if args.bf16 else 'fp32'}, "

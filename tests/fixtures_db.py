@@ -24,12 +24,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import Environment, Settings
 from db.migrate import upgrade
 from db.session import Database, make_engine, make_sessionmaker
 
@@ -127,10 +128,10 @@ class TestDatabase:
     session: Session
     sessions: sessionmaker[Session]
 
-    def settings(self, tmp_path: Path, **overrides: object) -> Settings:
+    def settings(self, tmp_path: Path, **overrides: Any) -> Settings:
         """Test settings for this database, state under ``tmp_path``."""
-        values: dict[str, object] = {
-            "env": "test",
+        values: dict[str, Any] = {
+            "env": Environment.TEST,
             "state_dir": tmp_path / "var",
             "storage_dir": tmp_path / "models",
             "database_url": self.url,
@@ -163,7 +164,7 @@ def _postgres_test_db(connection: Connection) -> TestDatabase:
     # sessions release savepoints, the connection's transaction is never committed.
     sessions = make_sessionmaker(connection, join_transaction_mode="create_savepoint")
     url = migrated_postgres_url()
-    settings = Settings(_env_file=None, database_url=url, env="test")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, database_url=url, env=Environment.TEST)  # type: ignore[call-arg]
     database = Database(settings, sessions=sessions)
     test_sessions = sessionmaker(bind=connection, join_transaction_mode="create_savepoint")
     return TestDatabase("postgresql", url, database, test_sessions(), test_sessions)
@@ -174,7 +175,7 @@ def _sqlite_test_db(folder: Path) -> tuple[TestDatabase, Engine]:
     shutil.copyfile(migrated_sqlite_template(), path)
     url = f"sqlite:///{path}"
     engine = make_engine(url)
-    settings = Settings(_env_file=None, database_url=url, env="test")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, database_url=url, env=Environment.TEST)  # type: ignore[call-arg]
     database = Database(settings, engine=engine)
     test_sessions = sessionmaker(bind=engine)
     return TestDatabase("sqlite", url, database, test_sessions(), test_sessions), engine

@@ -298,13 +298,13 @@ def test_a_frozen_run_cannot_record_its_result_after_a_cancel_and_a_resubmit(
         owner = User(name="frozen")
         session.add(owner)
         session.flush()
-        row = Submission(
+        submitted = Submission(
             owner_id=owner.id, display_name="m", benchmark="digits",
             model_format=ModelFormat.SAFETENSORS, architecture="small_cnn",
             file_sha256="f" * 64, file_size=1,
         )  # fmt: skip
-        lifecycle.submit(session, row, now)
-        sid, owner_id = row.id, owner.id
+        lifecycle.submit(session, submitted, now)
+        sid, owner_id = submitted.id, owner.id
     with sessions.begin() as session:
         old = lifecycle.claim(session, sid, "w1", now, RULES)
         row = session.get(Submission, sid)

@@ -20,7 +20,7 @@ class TensorImages:
         return self.images[indices], self.labels[indices]
 
 
-def tiny_cnn(num_classes: int = 10, channels: int = 3, seed: int = 0) -> nn.Module:
+def tiny_cnn(num_classes: int = 10, channels: int = 3, seed: int = 0) -> nn.Sequential:
     """A fixed random CNN whose decisions move when the image moves."""
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -109,6 +109,7 @@ def test_known_identity_results_are_not_recomputed(setup) -> None:
     images, labels = data.images.to(clf.device), data.labels.to(clf.device)
     natural_pred = clf.predict(images)[0]
     ident = SMALL_GRID.identity_index()
+    assert ident is not None
     before = clf.forward_passes
     outcome = search_candidates(
         grid_pair_predictor(clf, images, SMALL_GRID.points(), FillMode.ZEROS),

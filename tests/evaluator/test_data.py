@@ -66,7 +66,9 @@ class Python2Pickler(pickle._Pickler):
 
     dispatch = dict(pickle._Pickler.dispatch)
 
-    def save_py2_str(self, obj: bytes | str) -> None:
+    # ``self: Any``: typeshed declares neither the pure-Python pickler's write and memoize nor
+    # its dispatch table's true signature.
+    def save_py2_str(self: Any, obj: bytes | str) -> None:
         raw = obj.encode("latin-1") if isinstance(obj, str) else obj
         if len(raw) < 256:
             self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)

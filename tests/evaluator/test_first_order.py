@@ -11,7 +11,7 @@ from evaluator.attacks import Classifier
 from evaluator.benchmarks import get_benchmark
 from evaluator.errors import ModelNotDifferentiableError
 from evaluator.evaluate import EvalOptions, Metric, evaluate
-from evaluator.first_order import FirstOrderConfig, first_order_attack
+from evaluator.first_order import FirstOrderConfig, FirstOrderOutcome, first_order_attack
 from evaluator.transforms import GridSpec, TransformBox, spatial_transform
 from tests.evaluator.helpers import self_labelled, tiny_cnn
 from tests.evaluator.spatial_models import pixel_coordinates
@@ -77,7 +77,7 @@ def off_grid_trap(target: tuple[float, float, float]) -> tuple[TemplateMatch, Te
     return model.eval(), image
 
 
-def attack(model: nn.Module, images: Tensor, labels: Tensor, **kwargs) -> object:
+def attack(model: nn.Module, images: Tensor, labels: Tensor, **kwargs) -> FirstOrderOutcome:
     ids = torch.arange(len(labels))
     return first_order_attack(
         Classifier(model, 10, batch_size=64), images, labels, ids, BOX, **kwargs
@@ -171,14 +171,14 @@ class _Remote(torch.autograd.Function):
     a vector-Jacobian product computed on request (as a model in another process answers)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, module: nn.Module) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, module: nn.Module) -> Tensor:
         ctx.save_for_backward(x)
         ctx.module = module
         with torch.no_grad():
             return module(x)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         (x,) = ctx.saved_tensors
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
@@ -228,11 +228,11 @@ class RefusesBackward(nn.Module):
 
 class _Refusing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3)).repeat(1, 4)[:, :10]
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         raise ModelNotDifferentiableError("the exported program has no backward for this op")
 
 

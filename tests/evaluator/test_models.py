@@ -78,7 +78,8 @@ def test_resnet32_is_he_et_al_with_projection_shortcuts() -> None:
 
 def test_resnet32_has_three_stages_of_five_blocks() -> None:
     model = get_architecture("resnet32").build()
-    assert [len(model.layer1), len(model.layer2), len(model.layer3)] == [5, 5, 5]
+    stages = [model.get_submodule(f"layer{i}") for i in (1, 2, 3)]
+    assert [len(list(stage.children())) for stage in stages] == [5, 5, 5]
 
 
 def test_small_cnn_is_small() -> None:

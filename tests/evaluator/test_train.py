@@ -40,7 +40,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def tiny_bn_net(seed: int = 0, classes: int = 4) -> nn.Module:
+def tiny_bn_net(seed: int = 0, classes: int = 4) -> nn.Sequential:
     """A small CNN with batch norm for 3x16x16 inputs; its decisions move with the image."""
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -109,6 +109,8 @@ def test_worst_of_k_searches_in_eval_mode_and_restores_modes() -> None:
     model = tiny_bn_net().train()
     model[3].eval()  # a submodule in its own mode keeps it
     bn = model[1]
+    assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+    assert bn.running_var is not None
     # Make the running statistics differ from a fresh batch's, so a train-mode search shows.
     bn.running_mean.fill_(0.3)
     bn.running_var.fill_(2.0)

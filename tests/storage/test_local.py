@@ -21,7 +21,7 @@ def test_a_failed_write_leaves_the_old_object_and_no_partial_file(
     source = tmp_path / "new"
     source.write_bytes(b"new weights" * 1000)
 
-    def copy_half_then_fail(src, dst, length=0):  # type: ignore[no-untyped-def]
+    def copy_half_then_fail(src, dst, length=0):
         dst.write(src.read(100))
         raise OSError("disk full")
 

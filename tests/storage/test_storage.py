@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,7 @@ def test_a_bad_key_is_refused_before_anything_is_touched(
 ) -> None:
     source = tmp_path / "f"
     source.write_bytes(b"x")
-    operations = [
+    operations: list[Callable[[], object]] = [
         lambda: store.put_bytes(key, b"x"),
         lambda: store.put_file(key, source),
         lambda: store.read_bytes(key),

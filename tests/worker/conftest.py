@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import Environment, Settings
 from db.migrate import upgrade
 from db.session import make_engine, make_sessionmaker
 from tests.fixtures_db import BACKENDS, create_postgres_database, postgres_server_url
@@ -90,7 +90,7 @@ def settings(tmp_path: Path, benchmarks_file: Path, database_url: str) -> Settin
     intervals. The sandbox keeps the test's user (see test_sandbox for the user switch)."""
     state = tmp_path / "state"
     return Settings(
-        env="test",
+        env=Environment.TEST,
         state_dir=state,
         database_url=database_url,
         broker_url=f"sqla+sqlite:///{state / 'broker.db'}",

@@ -65,7 +65,7 @@ def _packages() -> list[str]:
 def _settings_of(service: dict[str, Any]) -> Settings:
     """The settings the service's process would read from its environment."""
     env = environment(service)
-    values = {
+    values: dict[str, Any] = {
         key.removeprefix("SPATIALBENCH_").lower(): value
         for key, value in env.items()
         if key.startswith("SPATIALBENCH_")
