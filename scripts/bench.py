@@ -41,7 +41,7 @@ import argparse
 import collections
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -148,38 +148,45 @@ class Row:
         ]
 
 
-def plain_inference_seconds(classifier: Classifier, images: torch.Tensor, passes: int) -> float:
+def plain_inference_seconds(
+    classifier: Classifier,
+    images: torch.Tensor,
+    passes: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Time ``passes`` forward passes over ``images`` in full batches, nothing else."""
     batch = classifier.batch_size
     x = images[torch.arange(batch) % len(images)].contiguous()
     classifier.logits(x)  # warm-up
     _sync(classifier.device)
-    start = time.perf_counter()
+    start = clock()
     done = 0
     while done < passes:
         size = min(batch, passes - done)
         classifier.logits(x[:size])
         done += size
     _sync(classifier.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 class Meter:
     """Wall time, forward passes and model calls of each run measured, by name: every round's
     time, the counts of the last (they are the same every round)."""
 
-    def __init__(self, classifier: Classifier, counted: CountBatches) -> None:
-        self.classifier, self.counted = classifier, counted
+    def __init__(
+        self, classifier: Classifier, counted: CountBatches, clock: Callable[[], float]
+    ) -> None:
+        self.classifier, self.counted, self.clock = classifier, counted, clock
         self.times: dict[str, list[float]] = collections.defaultdict(list)
         self.counts: dict[str, tuple[int, int]] = {}
 
     @contextmanager
     def measure(self, key: str) -> Iterator[None]:
         passes, batches = self.classifier.forward_passes, self.counted.batches
-        start = time.perf_counter()
+        start = self.clock()
         yield
         _sync(self.classifier.device)
-        self.times[key].append(time.perf_counter() - start)
+        self.times[key].append(self.clock() - start)
         self.counts[key] = (
             self.classifier.forward_passes - passes,
             self.counted.batches - batches,
@@ -278,7 +285,8 @@ def bench_model(name: str, model: torch.nn.Module, args: argparse.Namespace) -> 
     )
     references = {"r": reference_attack, "r2": filled_reference_attack}
     robust_by: dict[str, int] = {}
-    meter = Meter(classifier, counted)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    meter = Meter(classifier, counted, clock)
     for _ in range(args.rounds):
         for key, reference in references.items():
             with meter.measure(key):
@@ -286,7 +294,7 @@ def bench_model(name: str, model: torch.nn.Module, args: argparse.Namespace) -> 
         with meter.measure("a"):
             result = evaluate(classifier, dataset, spec, options)
         passes = result.forward_passes["total"]
-        meter.times["b"].append(plain_inference_seconds(classifier, images, passes))
+        meter.times["b"].append(plain_inference_seconds(classifier, images, passes, clock))
     # The references must agree with the service on which images survive, or they time
     # something else.
     robust = round((result.accuracy("grid") or 0.0) * len(dataset))
@@ -294,10 +302,10 @@ def bench_model(name: str, model: torch.nn.Module, args: argparse.Namespace) -> 
 
     no_exit_s = float("nan")
     if args.full_grid:
-        start = time.perf_counter()
+        start = clock()
         evaluate(classifier, dataset, spec, grid_only(early_exit=False))
         _sync(classifier.device)
-        no_exit_s = time.perf_counter() - start
+        no_exit_s = clock() - start
     return Row(
         model=name,
         images=len(dataset),
@@ -581,7 +589,8 @@ def run_digits(args: argparse.Namespace) -> None:
               "no early exit s"]  # fmt: skip
     rows = [bench_model(name, model, args).cells() for name, model in models]
     print(f"device {args.device}, batch {args.batch_size}, {'bf16' if args.bf16 else 'fp32'}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'CPU' if args.cpu_time else 'wall'} seconds, median of {args.rounds}")  # fmt: skip
     print_table(header, rows)
 
 
@@ -607,6 +616,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's)")
     parser.add_argument(
         "--suite",
         choices=["digits", "synthetic"],
@@ -628,6 +638,13 @@ def main() -> None:
     )
     digits.add_argument(
         "--full-grid", action="store_true", help="also time the grid without early exit"
+    )
+    digits.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by this process's CPU time, not the wall clock: on a CPU shared with other "
+        "jobs, time spent waiting for a core then does not count (use with --threads 1: with "
+        "more threads it also counts threads spinning while they wait for each other)",
     )
     digits.add_argument(
         "--resnet", action="store_true", help="add an untrained ResNet-32 (slow on a CPU)"
@@ -658,6 +675,8 @@ def main() -> None:
         help="run only these ways (overrides --compile)",
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     suite = args.suite or ("synthetic" if torch.device(args.device).type == "cuda" else "digits")
     if args.quick and args.inference_batches == parser.get_default("inference_batches"):
         args.inference_batches = 2
