@@ -9,7 +9,8 @@ upscaled with nearest neighbours so that a 32x32 image can be seen on a page.
 Because the choice is "the first ones in position order", a sharded evaluation chooses the
 same examples as a single run: each shard chooses its own first ones, and `merge_examples`
 keeps the first ones across shards (`choose_examples` on the concatenated records equals
-`merge_examples` of the shards' choices).
+`merge_examples` of the shards' choices). The choosing and merging need no torch, so the
+worker may merge the shards' examples without loading it; rendering imports it.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
-from evaluator.attacks import Classifier
-from evaluator.benchmarks import BenchmarkSpec
-from evaluator.evaluate import ImageDataset
-from evaluator.transforms import spatial_transform
+    from evaluator.attacks import Classifier
+    from evaluator.benchmarks import BenchmarkSpec
+    from evaluator.evaluate import ImageDataset
 
 __all__ = [
     "ExampleImage",
@@ -111,6 +110,7 @@ def merge_examples(parts: Sequence[Sequence[dict[str, Any]]], count: int) -> lis
 def upscaled_png(image: Tensor, path: Path, min_size: int = MIN_DISPLAY_SIZE) -> None:
     """Write ``image`` (``(C, H, W)`` in [0, 1], C of 1 or 3) as a PNG whose longer side is at
     least ``min_size``, scaled by a whole factor so each pixel stays a sharp square."""
+    import torch.nn.functional as F
     from PIL import Image
 
     h, w = image.shape[-2:]
@@ -140,6 +140,10 @@ def save_examples(
     """Render the examples `choose_examples` picks from ``per_image`` (an evaluation's
     records) into ``out`` as ``NN_original.png`` and ``NN_transformed.png``, numbered from
     00 in the order chosen; returns their metadata."""
+    import torch
+
+    from evaluator.transforms import spatial_transform
+
     rows = choose_examples(per_image, count)
     if not rows:
         return []
