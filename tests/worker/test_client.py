@@ -26,7 +26,7 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def served(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+def served(settings: Settings, tmp_path: Path):
     port = free_port()
     env = {**os.environ, **settings_env(settings.model_copy(update={"eval_limit": 30}))}
     for name in ("DATABASE_URL", "BROKER_URL", "STORAGE_DIR", "STATE_DIR"):
@@ -52,7 +52,7 @@ def served(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @on_sqlite
-def test_submit_wait_status_and_leaderboard(served, trained_model: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_submit_wait_status_and_leaderboard(served, trained_model: Path, monkeypatch) -> None:
     url, token = served
     monkeypatch.setenv("SPATIALBENCH_URL", url)
     monkeypatch.setenv("SPATIALBENCH_TOKEN", token)
@@ -64,6 +64,8 @@ def test_submit_wait_status_and_leaderboard(served, trained_model: Path, monkeyp
     assert result.exit_code == 0, result.output
     submission_id = re.search(r"submitted (\w+)", result.output).group(1)  # type: ignore[union-attr]
     assert "grid" in result.output and "finished" in result.output
+    # The quick benchmark's own k, as the evaluation recorded it.
+    assert "worst-of-3" in result.output and "worst-of-10" not in result.output
 
     again = runner.invoke(
         app, ["submit", str(trained_model), "--benchmark", QUICK_BENCHMARK, "--arch", "small_cnn"]
@@ -77,11 +79,12 @@ def test_submit_wait_status_and_leaderboard(served, trained_model: Path, monkeyp
     assert board.exit_code == 0 and "client CNN" in board.output
     table = runner.invoke(app, ["leaderboard", QUICK_BENCHMARK])
     assert table.exit_code == 0 and "client" in table.output
+    assert "worst-of-3" in table.output and "worst-of-10" not in table.output
     assert re.search(r"\d+\.\d\d%", table.output)  # the accuracies, not placeholders
 
 
 @on_sqlite
-def test_server_errors_are_shown_as_their_message(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_server_errors_are_shown_as_their_message(served, tmp_path: Path) -> None:
     url, token = served
     pickle_file = tmp_path / "model.pt"
     pickle_file.write_bytes(b"\x80\x04K\x01.")
@@ -101,6 +104,6 @@ def test_server_errors_are_shown_as_their_message(served, tmp_path: Path) -> Non
     assert no_token.exit_code == 1 and "401" in no_token.output
 
 
-def test_unreachable_server_is_one_line(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_server_is_one_line(monkeypatch) -> None:
     result = runner.invoke(app, ["status", "x", "--url", f"http://127.0.0.1:{free_port()}"])
     assert result.exit_code == 1 and "cannot reach the server" in result.output
