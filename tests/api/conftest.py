@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from api.app import create_app
 from api.deps import get_enqueuer
 from config.settings import Settings
-from db.models import User
+from db.models import Submission, User
 from evaluator.models.architectures import small_cnn
-from tests.api.factories import auth, create_token, create_user
+from tests.factories import auth, create_token, create_user
 from tests.fixtures_db import (  # noqa: F401  (fixtures)
     TestDatabase,
     pg_connection_fixture,
@@ -185,7 +185,9 @@ class Account:
 def make_account(test_db: TestDatabase) -> Callable[..., Account]:
     def make(**overrides: Any) -> Account:
         user = create_user(test_db.session, **overrides)
-        return Account(user, create_token(test_db.session, user))
+        account = Account(user, create_token(test_db.session, user))
+        test_db.session.commit()  # the app's sessions must see the user and the token
+        return account
 
     return make
 
@@ -198,6 +200,15 @@ def alice(make_account: Callable[..., Account]) -> Account:
 @pytest.fixture
 def bob(make_account: Callable[..., Account]) -> Account:
     return make_account(name="bob")
+
+
+def change_row(test_db: TestDatabase, submission_id: str, **fields: Any) -> None:
+    """Set fields of a stored submission and commit, as a worker's run would have left it."""
+    row = test_db.session.get(Submission, submission_id)
+    assert row is not None
+    for name, value in fields.items():
+        setattr(row, name, value)
+    test_db.session.commit()
 
 
 # --- Uploading ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from db.models import Submission, SubmissionStatus
-from tests.api.conftest import Account, Enqueued, ModelFiles, upload
+from tests.api.conftest import Account, Enqueued, ModelFiles, change_row, upload
 from tests.fixtures_db import TestDatabase
 
 
@@ -55,10 +55,7 @@ def test_a_resubmit_right_after_a_cancel_of_a_running_job_runs(
     enqueued: Enqueued,
 ) -> None:  # fmt: skip
     first = upload(client, model_files.weights(), alice).json()
-    row = test_db.session.get(Submission, first["id"])
-    assert row is not None
-    row.status, row.claim_token = SubmissionStatus.RUNNING, "a" * 32
-    test_db.session.commit()
+    change_row(test_db, first["id"], status=SubmissionStatus.RUNNING, claim_token="a" * 32)
     _cancel(client, first["id"], alice)
     response = upload(client, model_files.weights(), alice, mean="0.5,0.5,0.5", std="0.5,0.5,0.5")
     assert response.status_code == 202, response.text

@@ -10,7 +10,7 @@ from api.app import create_app
 from config.settings import Settings
 from db.models import SubmissionStatus
 from tests.api.conftest import Account
-from tests.api.factories import create_submission
+from tests.factories import create_submission
 from tests.fixtures_db import TestDatabase
 
 
@@ -40,6 +40,7 @@ def test_me_shows_limits_and_usage(
 ) -> None:
     create_submission(test_db.session, alice.user)
     create_submission(test_db.session, alice.user, status=SubmissionStatus.FINISHED)
+    test_db.session.commit()
     body = client.get("/api/v1/me", headers=alice.headers).json()
     assert body == {
         "name": "alice",
@@ -62,6 +63,7 @@ def test_metrics_count_requests_by_route_and_submissions_by_status(
 ) -> None:
     create_submission(test_db.session, status=SubmissionStatus.RUNNING)
     sub = create_submission(test_db.session)
+    test_db.session.commit()
     client.get(f"/api/v1/submissions/{sub.id}")
     client.get("/api/v1/submissions/missing")
     response = client.get("/metrics")

@@ -15,7 +15,7 @@ from api.app import create_app
 from config.settings import Settings, get_settings
 from db.session import make_engine
 from spatialbench.cli import app as cli
-from tests.api.factories import auth
+from tests.factories import auth
 from tests.fixtures_db import create_postgres_database, postgres_server_url
 
 

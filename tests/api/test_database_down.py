@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from config.settings import Settings
+from config.settings import Environment, Settings
 from db.migrate import upgrade
 from db.session import session_scope
 from tests.api.conftest import ModelFiles
-from tests.api.factories import auth
+from tests.factories import auth
 from tests.fixtures_db import _run_script
 
 
@@ -57,7 +57,7 @@ def test_postgres_down_gives_503_and_the_api_recovers(
     url = server.start()
     upgrade(url)
     settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, env="test", database_url=url, state_dir=tmp_path / "var",
+        _env_file=None, env=Environment.TEST, database_url=url, state_dir=tmp_path / "var",
         storage_dir=tmp_path / "models",
     )  # fmt: skip
     from api.services.users import create_token, create_user
@@ -95,7 +95,7 @@ def test_sqlite_that_cannot_be_opened_gives_503(tmp_path: Path) -> None:
     folder = tmp_path / "not-a-file.db"
     folder.mkdir()  # a directory where the database file should be
     settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, env="test", database_url=f"sqlite:///{folder}",
+        _env_file=None, env=Environment.TEST, database_url=f"sqlite:///{folder}",
         state_dir=tmp_path / "var", auto_migrate=False,
     )  # fmt: skip
     with TestClient(create_app(settings)) as client:

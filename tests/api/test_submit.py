@@ -16,8 +16,8 @@ from api.routes.submissions import MAX_OFFSET
 from config.settings import Settings
 from db.models import Submission, SubmissionStatus, utcnow
 from evaluator.vocabulary import ModelFormat, TrainingMethod
-from tests.api.conftest import Account, Enqueued, ModelFiles, make_client, upload
-from tests.api.factories import create_submission
+from tests.api.conftest import Account, Enqueued, ModelFiles, change_row, make_client, upload
+from tests.factories import create_submission
 from tests.fixtures_db import TestDatabase
 
 
@@ -130,10 +130,9 @@ def test_own_failed_duplicate_is_queued_again(
     enqueued: Enqueued,
 ) -> None:  # fmt: skip
     first = upload(client, model_files.weights(), alice).json()
-    row = test_db.session.get(Submission, first["id"])
-    assert row is not None
-    row.status, row.message, row.attempts = SubmissionStatus.FAILED, "out of memory", 3
-    test_db.session.commit()
+    change_row(
+        test_db, first["id"], status=SubmissionStatus.FAILED, message="out of memory", attempts=3
+    )
     response = upload(client, model_files.weights(), alice, display_name="Retry")
     assert response.status_code == 202
     body = response.json()
@@ -145,7 +144,7 @@ def test_own_failed_duplicate_is_queued_again(
 
 # --- Refused files: status, message, and nothing kept -----------------------------------------
 
-BAD_FILES = [
+BAD_FILES: list[tuple[str, dict[str, str | None], int, str, list[str]]] = [
     # (attribute of ModelFiles, form overrides, status, error code, words in the message)
     ("truncated", {}, 422, "unsupported_model_format", ["truncated", "save_file"]),
     ("pickle", {}, 422, "unsupported_model_format", ["pickle", "safetensors", "torch.export"]),
@@ -193,6 +192,7 @@ def test_refused_upload_leaves_no_trace(
     words: list[str],
 ) -> None:
     existing = create_submission(test_db.session)
+    test_db.session.commit()
     model = getattr(model_files, attribute)
     path = model() if callable(model) else model
     response = upload(client, path, alice, **fields)
@@ -364,6 +364,7 @@ def test_daily_cap_says_when_to_retry(
                       status=SubmissionStatus.FINISHED)  # fmt: skip
     create_submission(test_db.session, carol.user, created_at=now - timedelta(hours=1),
                       status=SubmissionStatus.FINISHED)  # fmt: skip
+    test_db.session.commit()
     response = upload(client, model_files.weights(), carol)
     assert response.status_code == 429
     assert response.json()["error"] == "rate_limited"
@@ -382,6 +383,7 @@ def test_concurrent_cap_counts_queued_and_running(
     dave = make_account(name="dave", concurrent_limit=2)
     create_submission(test_db.session, dave.user, status=SubmissionStatus.QUEUED)
     create_submission(test_db.session, dave.user, status=SubmissionStatus.RUNNING)
+    test_db.session.commit()
     response = upload(client, model_files.weights(), dave)
     assert response.status_code == 429
     assert response.headers["Retry-After"] == "60"
@@ -394,6 +396,7 @@ def test_finished_jobs_do_not_count_against_the_concurrent_cap(
 ) -> None:  # fmt: skip
     erin = make_account(name="erin", concurrent_limit=1)
     create_submission(test_db.session, erin.user, status=SubmissionStatus.FAILED)
+    test_db.session.commit()
     assert upload(client, model_files.weights(), erin).status_code == 202
 
 

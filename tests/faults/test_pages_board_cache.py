@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import Enqueued, make_client
-from tests.api.factories import create_finished, create_user
+from tests.factories import create_finished, create_user
 from tests.fixtures_db import (  # noqa: F401  (fixtures)
     TestDatabase,
     pg_connection_fixture,
@@ -49,6 +49,7 @@ def test_cached_boards_follow_every_change(client: TestClient, test_db: TestData
     session = test_db.session
     owner = create_user(session)
     create_finished(session, owner, display_name="first model")
+    session.commit()
     etags: dict[str, str] = {}
     assert all("first model" in text for text in _fetch_all(client, etags).values())
     for path in PATHS:
@@ -58,6 +59,7 @@ def test_cached_boards_follow_every_change(client: TestClient, test_db: TestData
 
     second = create_finished(session, owner, display_name="second model",
                              evaluation={"grid": 0.5})  # fmt: skip
+    session.commit()
     assert all("second model" in text for text in _fetch_all(client, etags).values())
 
     second.is_baseline = True

@@ -18,7 +18,7 @@ from tests.api.conftest import (  # noqa: F401  (fixtures)
     enqueued,
     settings,
 )
-from tests.api.factories import create_finished, create_user
+from tests.factories import create_finished, create_user
 from tests.fixtures_db import (  # noqa: F401  (fixtures)
     TestDatabase,
     pg_connection_fixture,
@@ -76,6 +76,7 @@ def test_a_malformed_stored_result_gives_a_page_that_says_so(
     owner = create_user(test_db.session, name="mallory")
     fields = {"landscape": seed.landscape(), "per_image": seed.per_image(), **broken}
     submission = create_finished(test_db.session, owner, evaluation=fields)
+    test_db.session.commit()
     page = client.get(f"/submissions/{submission.id}", headers={"accept": "text/html"})
     assert page.status_code == 200
     assert "status-finished" in page.text
@@ -91,6 +92,7 @@ def test_the_page_of_a_malformed_result_names_the_problem(
 ) -> None:
     owner = create_user(test_db.session, name="mallory")
     submission = create_finished(test_db.session, owner, evaluation={"versions": [1, 2]})
+    test_db.session.commit()
     page = client.get(f"/submissions/{submission.id}", headers={"accept": "text/html"})
     assert page.status_code == 200
     assert "stored result is malformed and cannot be shown" in page.text
