@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     sandbox_tmp_dir: Path | None = None
     # Example images kept per evaluation for the model page (fooled ones; a few robust ones).
     example_images: int = 8
+    # An evaluation is cut into shards of at most this many images (even sizes), each a task
+    # any worker may take; a benchmark smaller than this is one shard.
+    shard_images: int = Field(default=1000, ge=1)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

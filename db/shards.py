@@ -45,6 +45,7 @@ __all__ = [
     "finish_shard",
     "plan",
     "reap",
+    "release_shard",
     "run_claim",
     "run_shards",
     "shard_heartbeat",
@@ -245,6 +246,15 @@ def shard_heartbeat(
     if not _update(session, _fence(shard), heartbeat_at=now, **(progress or {})):
         return RunState.LOST
     return _aggregate(session, shard.submission_id, shard.run_token, now)
+
+
+def release_shard(session: Session, shard: ShardClaim) -> bool:
+    """Give the shard back, queued (its run was cancelled or failed, or the worker stops):
+    nothing of it runs any more, and a run that still stands may hand it to another worker."""
+    return bool(
+        _update(session, _fence(shard), status=ShardStatus.QUEUED, claim_token=None,
+                worker=None, phase=None, progress=0.0, eta_seconds=None, published_at=None)
+    )  # fmt: skip
 
 
 def finish_shard(

@@ -14,7 +14,14 @@ from storage.errors import (
     StorageConfigError,
     StorageError,
 )
-from storage.keys import example_key, model_key, shard_result_key, validate_key
+from storage.keys import (
+    example_key,
+    model_key,
+    shard_example_key,
+    shard_result_key,
+    shards_prefix,
+    validate_key,
+)
 from storage.local import LocalStorage
 from storage.s3 import S3Credentials, S3Storage
 from storage.url import open_storage, storage_from_settings
@@ -32,7 +39,9 @@ __all__ = [
     "example_key",
     "model_key",
     "open_storage",
+    "shard_example_key",
     "shard_result_key",
+    "shards_prefix",
     "storage_from_settings",
     "validate_key",
 ]

@@ -18,7 +18,9 @@ __all__ = [
     "example_key",
     "example_name",
     "model_key",
+    "shard_example_key",
     "shard_result_key",
+    "shards_prefix",
     "validate_key",
     "validate_prefix",
 ]
@@ -87,8 +89,21 @@ def example_name(submission_id: str, key: Any) -> str | None:
     return name if EXAMPLE_NAME.fullmatch(name) else None
 
 
+def shards_prefix(submission_id: str) -> str:
+    """Where the shards of an evaluation keep their results and example images until the
+    merged result is recorded."""
+    return validate_key(f"shards/{submission_id}")
+
+
 def shard_result_key(submission_id: str, shard: int) -> str:
     """The result of one shard of an evaluation; zero-padded so listings sort by shard."""
     if shard < 0:
         raise InvalidKeyError(f"shard index {shard} is negative")
-    return validate_key(f"shards/{submission_id}/{shard:06d}.json")
+    return validate_key(f"{shards_prefix(submission_id)}/{shard:06d}.json")
+
+
+def shard_example_key(submission_id: str, shard: int, name: str) -> str:
+    """An example image one shard chose (the merge copies the chosen ones to `example_key`)."""
+    if shard < 0:
+        raise InvalidKeyError(f"shard index {shard} is negative")
+    return validate_key(f"{shards_prefix(submission_id)}/{shard:06d}/{name}.png")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db import lifecycle
+from db import lifecycle, shards
 from db.models import utcnow
 from db.session import transaction
 
@@ -28,13 +28,16 @@ __all__ = ["ReaperThread", "reap_once"]
 def reap_once(
     sessions: sessionmaker[Session], settings: Settings, publish: Callable[[str], None]
 ) -> list[str]:
-    """`db.lifecycle.reap` in its own transaction, then publish its ids (after the commit).
+    """`db.lifecycle.reap` and `db.shards.reap` in one transaction, then publish their ids
+    (after the commit).
 
     A publish that fails is logged: the row's ``published_at`` says it was published, so the
     next round after ``republish_after_s`` tries again.
     """
     with transaction(sessions) as session:
-        ids = lifecycle.reap(session, utcnow(), settings)
+        now = utcnow()
+        ids = lifecycle.reap(session, now, settings)
+        ids += [i for i in shards.reap(session, now, settings) if i not in ids]
     for submission_id in ids:
         try:
             publish(submission_id)

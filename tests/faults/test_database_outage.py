@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from db.models import Evaluation, SubmissionStatus
 from storage import storage_from_settings
-from tests.faults.conftest import Api, PostgresServer, Workers, wait_for_row
+from tests.faults.conftest import Api, PostgresServer, Workers, start_run, wait_for_row
 from tests.worker.helpers import small_cnn_file, wait_for
 from worker.results import result_key, results_prefix
 
@@ -61,11 +61,8 @@ def test_a_result_finished_during_an_outage_is_recorded_when_the_database_is_bac
 ) -> None:
     # No reaping in this test: the run that computed the result records it.
     settings = fault_settings.model_copy(update={"eval_limit": 120, "heartbeat_timeout_s": 600})
-    workers.start(settings)
-    sid = api.upload(trained_model)["id"]
-    running = wait_for_row(sessions, sid, lambda r: r.status is RUNNING and r.progress >= 0.3)
-    token = running.claim_token
-    assert token is not None
+    run = start_run(api, workers, sessions, settings, trained_model, progress=0.3)
+    sid, token = run.submission_id, run.token
     own_postgres.stop()
     try:
         stored = _sandbox_children_done(settings, sid, token)
@@ -91,13 +88,10 @@ def test_a_worker_restarted_after_an_outage_records_the_stored_result_and_consum
     tmp_path: Path,
 ) -> None:
     settings = fault_settings.model_copy(update={"eval_limit": 120})
-    first = workers.start(settings)
-    sid = api.upload(trained_model)["id"]
+    run = start_run(api, workers, sessions, settings, trained_model, progress=0.3)
+    first, sid, token = run.worker, run.submission_id, run.token
     # Queued behind it, its message in the broker.
     other = api.upload(small_cnn_file(tmp_path / "other.safetensors", seed=3))["id"]
-    running = wait_for_row(sessions, sid, lambda r: r.status is RUNNING and r.progress >= 0.3)
-    token = running.claim_token
-    assert token is not None
     own_postgres.stop()
     try:
         _sandbox_children_done(settings, sid, token)
@@ -107,7 +101,7 @@ def test_a_worker_restarted_after_an_outage_records_the_stored_result_and_consum
         second = workers.start(settings)
         # It takes the other job's message and waits for the database instead of failing it.
         wait_for(
-            lambda: b"Retrying worker.runner._ping" in second.log_path.read_bytes(),
+            lambda: b"Retrying worker.recording._ping" in second.log_path.read_bytes(),
             60,
             what="the new worker to wait for the database",
         )

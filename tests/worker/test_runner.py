@@ -25,8 +25,9 @@ from tests.worker.helpers import (
     export_file,
     small_cnn_file,
 )
+from worker.recording import record_failure
 from worker.results import find_stored, results_prefix, store_result
-from worker.runner import Outcome, _record_failure, run_next, run_submission
+from worker.runner import Outcome, run_next, run_submission
 
 
 def _new(sessions: sessionmaker[Session], settings: Settings, model: Path, **kw: object) -> str:
@@ -106,7 +107,7 @@ def test_a_write_from_a_lost_claim_changes_nothing(
         new = claim_submission(session, sid, "w2", later, settings)
     assert old is not None and new is not None
     assert old.token != new.token
-    assert _record_failure(sessions, old, settings, "too late") is Outcome.LOST
+    assert record_failure(sessions, old, settings, "too late") is Outcome.LOST
     row = _row(sessions, sid)
     assert (row.status, row.worker, row.message) == (SubmissionStatus.RUNNING, "w2", None)
 
