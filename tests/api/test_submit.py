@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -263,32 +264,40 @@ def test_oversized_upload_is_refused_before_reading_it(
     assert submission_count(test_db) == 0
 
 
-def _multipart(boundary: str, fields: dict[str, str], payload: bytes) -> Iterator[bytes]:
-    for name, value in fields.items():
+BOUNDARY = "sbtestboundary"
+
+
+def _post_streamed(client: TestClient, account: Account, size: int) -> httpx2.Response:
+    """Upload a model of ``size`` zero bytes as a generator body: sent chunked, without
+    Content-Length, so that only streaming can catch one over the cap."""
+
+    def body() -> Iterator[bytes]:
+        for name, value in {"display_name": "x", "benchmark": "digits"}.items():
+            yield (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            ).encode()
         yield (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="m.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
-    yield (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.bin"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    for start in range(0, len(payload), 8192):
-        yield payload[start : start + 8192]
-    yield f"\r\n--{boundary}--\r\n".encode()
+        payload = b"\0" * size
+        for start in range(0, size, 8192):
+            yield payload[start : start + 8192]
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+    return client.post(
+        "/api/v1/submissions",
+        content=body(),
+        headers={**account.headers, "Content-Type": content_type},
+    )
 
 
 def test_streamed_upload_is_cut_off_at_the_cap_without_a_temp_file(
     small_cap_client: tuple[TestClient, Settings], alice: Account, test_db: TestDatabase,
 ) -> None:  # fmt: skip
     client, settings = small_cap_client
-    boundary = "sbtestboundary"
-    # A generator body is sent chunked, without Content-Length: only streaming can catch it.
-    body = _multipart(boundary, {"display_name": "x", "benchmark": "digits"}, b"\0" * 200_000)
-    response = client.post(
-        "/api/v1/submissions",
-        content=body,
-        headers={**alice.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
+    response = _post_streamed(client, alice, 200_000)
     assert response.status_code == 413
     assert stored_files(settings) == []
     # Received in the API's own staging folder, outside the store.
@@ -300,13 +309,7 @@ def test_upload_just_under_the_cap_streams_through(
     small_cap_client: tuple[TestClient, Settings], alice: Account
 ) -> None:
     client, settings = small_cap_client
-    boundary = "sbtestboundary"
-    body = _multipart(boundary, {"display_name": "x", "benchmark": "digits"}, b"\0" * 49_999)
-    response = client.post(
-        "/api/v1/submissions",
-        content=body,
-        headers={**alice.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
+    response = _post_streamed(client, alice, 49_999)
     # Under the cap, so it is read whole and then refused for what it is.
     assert response.status_code == 422
     assert response.json()["error"] == "unsupported_model_format"
