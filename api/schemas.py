@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from api.services.ablations import evaluation_ablations
-from api.urls import api_path
+from api.urls import submission_path
 from db.models import Base, Evaluation, Submission, SubmissionStatus
 from evaluator.vocabulary import MetricKey, ModelFormat, TrainingMethod
 
@@ -38,15 +38,7 @@ __all__ = [
     "SubmissionCreate",
     "SubmissionList",
     "SubmissionPublic",
-    "as_utc",
 ]
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every time we store is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 class _Public(BaseModel):
@@ -272,7 +264,7 @@ class SubmissionPublic(_Public):
         base_url = (info.context or {}).get("base_url", "")
         finished = data.status is SubmissionStatus.FINISHED
         return _columns(data, cls.model_fields) | {
-            "status_url": base_url + api_path(f"/submissions/{data.id}"),
+            "status_url": base_url + submission_path(data.id),
             "owner": data.owner.name,
             "evaluation": data.evaluation if finished else None,
         }

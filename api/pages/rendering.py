@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse
 
 from api.deps import SessionDep
 from api.errors import DatabaseUnavailable, NotFound
-from api.schemas import SortKey, as_utc
+from api.schemas import SortKey
 from api.services.benchmarks import get_benchmark, list_benchmarks
 from api.services.submissions import get_submission
 from config.settings import Settings
@@ -134,17 +134,14 @@ def duration(seconds: float | None) -> str:
 
 
 def date(value: datetime | None) -> str:
-    value = as_utc(value)
     return "—" if value is None else value.strftime("%Y-%m-%d")
 
 
 def timestamp(value: datetime | None) -> str:
-    value = as_utc(value)
     return "—" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def iso(value: datetime | None) -> str:
-    value = as_utc(value)
     return "" if value is None else value.isoformat()
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from api.errors import Conflict, Forbidden, NotFound
-from api.urls import api_path
+from api.urls import submission_path
 from db import lifecycle
 from db.lifecycle import CancelOutcome
 from db.models import Submission, SubmissionStatus, User, utcnow
@@ -118,7 +118,7 @@ def refresh_columns(session: Session, submission: Submission) -> None:
 
 
 def status_url(submission_id: str, base_url: str = "") -> str:
-    return base_url + api_path(f"/submissions/{submission_id}")
+    return base_url + submission_path(submission_id)
 
 
 # --- Operator markers -------------------------------------------------------------------------
