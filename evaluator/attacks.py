@@ -21,9 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evaluator.errors import EvaluationCancelled, ModelOutputError
-
-# CandidateOrder and search_candidates are imported here by evaluator/evaluate.py only; they are
-# kept importable from this module until it imports them from evaluator.search.
 from evaluator.search import CandidateOrder, PairPredictor, search_candidates
 from evaluator.transforms import (
     FillMode,
@@ -32,6 +29,10 @@ from evaluator.transforms import (
     spatial_transform,
     uniform_transforms,
 )
+
+# CandidateOrder and search_candidates are imported here by evaluator/evaluate.py only; they are
+# kept importable from this module until it imports them from evaluator.search.
+from evaluator.vocabulary import VOTE_ATTACKER_KEYS
 
 __all__ = [
     "VoteProtocol",
@@ -58,7 +59,7 @@ class VoteProtocol(StrEnum):
     @property
     def metric_key(self) -> str:
         """The result key of grid + vote under this attacker (``grid_vote`` is the headline)."""
-        return "grid_vote" if self is VoteProtocol.ADAPTIVE else f"grid_vote_{self.name.lower()}"
+        return VOTE_ATTACKER_KEYS[self.value].value
 
     @property
     def description(self) -> str:

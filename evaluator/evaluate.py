@@ -46,6 +46,7 @@ from evaluator.benchmarks import BenchmarkSpec
 from evaluator.errors import ModelFormatError, ModelNotDifferentiableError, ModelOutputError
 from evaluator.first_order import FirstOrderConfig, first_order_attack
 from evaluator.transforms import spatial_transform, uniform_transforms
+from evaluator.vocabulary import MetricKey
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -805,16 +806,16 @@ def _measured(values: Tensor) -> MetricValue:
 
 
 # The per-image field behind each result metric: 1 where the image counts (correct, or robust).
-METRIC_FIELDS = {
-    "natural": "natural_correct",
-    "random": "random_correct",
-    "worst_of_k": "worst_of_k_correct",
-    "grid": "grid_robust",
-    "vote_natural": "vote_natural_correct",
-    VoteProtocol.ADAPTIVE.metric_key: "grid_vote_robust",
-    VoteProtocol.PER_QUERY.metric_key: "grid_vote_per_query_robust",
-    VoteProtocol.TRANSFER.metric_key: "grid_vote_transfer_correct",
-    "first_order": "first_order_correct",
+METRIC_FIELDS: dict[str, str] = {
+    MetricKey.NATURAL: "natural_correct",
+    MetricKey.RANDOM: "random_correct",
+    MetricKey.WORST_OF_K: "worst_of_k_correct",
+    MetricKey.GRID: "grid_robust",
+    MetricKey.VOTE_NATURAL: "vote_natural_correct",
+    MetricKey.GRID_VOTE: "grid_vote_robust",
+    MetricKey.GRID_VOTE_PER_QUERY: "grid_vote_per_query_robust",
+    MetricKey.GRID_VOTE_TRANSFER: "grid_vote_transfer_correct",
+    MetricKey.FIRST_ORDER: "first_order_correct",
 }
 
 

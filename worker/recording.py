@@ -29,6 +29,7 @@ from db import lifecycle
 from db.lifecycle import Claim, FinishOutcome
 from db.models import Evaluation, Submission, utcnow
 from db.session import transaction
+from evaluator.vocabulary import BOARD_METRICS, MetricKey
 from storage import Storage
 from worker.results import StoredResult, forget_stored
 
@@ -139,12 +140,13 @@ def evaluation_from_result(
         return Evaluation(
             submission_id=submission.id,
             benchmark=submission.benchmark,
-            natural=accuracy("natural"),
-            random=accuracy("random"),
-            worst_of_k=accuracy("worst_of_k"),
-            grid=accuracy("grid"),
-            vote_natural=accuracy("vote_natural"),
-            grid_vote=accuracy("grid_vote"),
+            # The leaderboard's columns; first-order is optional, and absent when it did
+            # not run.
+            **{
+                key.value: accuracy(key)
+                for key in BOARD_METRICS
+                if key is not MetricKey.FIRST_ORDER
+            },
             first_order=_first_order(metrics),
             images=int(config["images"]),
             metrics=dict(metrics),

@@ -13,6 +13,8 @@ import math
 import re
 from typing import Any
 
+from evaluator.vocabulary import VOTE_ATTACKER_KEYS
+
 __all__ = ["MAX_GRID_POINTS", "MAX_IMAGES", "ResultRejected", "check_result"]
 
 MAX_IMAGES = 10_000_000
@@ -26,7 +28,7 @@ _FLAGS = ("_correct", "_robust", "_natural")
 # The evaluator's closed vocabulary of ablations (``evaluator.ablations.Ablation``; repeated
 # here because the worker imports no torch) and of fill modes (``FillMode``).
 ABLATIONS = ("rotation-only", "translation-only", "zero-fill", "reflection", "black-canvas")
-VOTE_PROTOCOLS = ("adaptive", "per-query", "transfer")
+VOTE_PROTOCOLS = tuple(VOTE_ATTACKER_KEYS)
 FILL_MODES = ("zeros", "border", "reflection")
 MAX_CANVAS = 8
 _ABLATION_FIELD = re.compile(r"^ablation_([a-z_]+)_(robust|natural)$")
