@@ -76,8 +76,7 @@ def test_a_stopped_shard_runs_again_alone(test_db: TestDatabase) -> None:
     session = test_db.session
     claim = running(session)
     taken = [shards.claim_next_shard(session, "w", utcnow(), RULES) for _ in RANGES]
-    assert all(taken)
-    done, stopped, alive = taken  # type: ignore[misc]
+    done, stopped, alive = (t for t in taken if t is not None)
     assert shards.finish_shard(session, done, "k", 1, utcnow())
     later = utcnow() + timedelta(seconds=RULES.heartbeat_timeout_s + 1)
     assert shards.shard_heartbeat(session, alive, later) is RunState.CONTINUE

@@ -1,6 +1,7 @@
 """A whole evaluation: the orderings that must hold, reproducibility, shards, progress."""
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_same_seed_same_numbers() -> None:
 
 def test_shards_merge_into_the_whole() -> None:
     # Every subset crosses the boundary between the two shards.
-    extra = {
+    extra: dict[str, Any] = {
         "landscape_subset": 0,
         "vote_subset": 40,
         "first_order": True,
@@ -179,14 +180,18 @@ def test_cost_record_is_complete(result) -> None:
 
 
 def test_options_take_names_as_json_gives_them_and_refuse_unknown_ones() -> None:
-    options = EvalOptions(
-        metrics=["natural", "grid"], vote_protocols=["transfer"], ablations=["black-canvas"]
-    )
-    assert options.metrics == {Metric.NATURAL, Metric.GRID}
-    assert options.vote_protocols == {VoteProtocol.TRANSFER}
-    assert options.ablations == {Ablation.BLACK_CANVAS}
+    as_json: dict[str, Any] = {
+        "metrics": ["natural", "grid"],
+        "vote_protocols": ["transfer"],
+        "ablations": ["black-canvas"],
+    }
+    options = EvalOptions(**as_json)
+    assert options.metrics == frozenset({Metric.NATURAL, Metric.GRID})
+    assert options.vote_protocols == frozenset({VoteProtocol.TRANSFER})
+    assert options.ablations == frozenset({Ablation.BLACK_CANVAS})
+    unknown: dict[str, Any] = {"vote_protocols": ["oracle"]}
     with pytest.raises(ValueError, match="known: adaptive, per-query, transfer"):
-        EvalOptions(vote_protocols=["oracle"])
+        EvalOptions(**unknown)
 
 
 def test_phases_are_named_by_the_enum_in_the_order_they_run() -> None:

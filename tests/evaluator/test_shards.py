@@ -1,6 +1,7 @@
 """Shards of one evaluation merge into the whole evaluation, bit for bit."""
 
 import random
+from typing import Any
 
 import pytest
 
@@ -8,7 +9,7 @@ from evaluator.ablations import Ablation
 from evaluator.shards import MergeError, merge_results, plan_ranges
 from tests.evaluator.test_evaluate import run
 
-EVERYTHING = {
+EVERYTHING: dict[str, Any] = {
     "landscape_subset": 20,
     "vote_subset": 25,
     "first_order": True,
@@ -21,12 +22,12 @@ SHARDS = [range(0, 12), range(12, 30), range(30, 40)]
 N = 40
 
 
-def without_wall_time(result: dict) -> dict:
+def without_wall_time(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, "cost": {k: v for k, v in result["cost"].items() if k != "wall_time_s"}}
 
 
 @pytest.fixture(scope="module")
-def whole_and_parts() -> tuple[dict, list[dict]]:
+def whole_and_parts() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     # Without early exit every image tries every candidate, so even the forward passes of the
     # whole run (one search order across all images) equal the shards' sum.
     whole = run(n=N, early_exit=False, **EVERYTHING).to_dict()
