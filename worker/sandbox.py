@@ -24,8 +24,10 @@ address space before it reads anything; this process kills both when a shard's w
 deadline passes, when ``tick`` says stop, or when the caller's callback raises. This module
 imports neither torch nor the evaluator.
 
-It is longer than most modules of the worker because what it holds is one piece: the session
-(processes, pipes, the report loop) and the failures it can end in, worded for the user.
+How a failure is worded for the user is `worker.failures`'s. This module is longer than most
+of the worker's because what is left is one piece that reads best together: the job's files,
+the two processes and their pipes, the session loop over shards, the report loop with its
+deadline and stops, and the checks on what comes back (results and example PNGs).
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from pydantic import ValidationError
 
 from worker.bwrap import (
     SANDBOX_JOB,
-    SETUP_ERROR_PREFIXES,
     Identity,
     Role,
     SandboxSetupError,
@@ -57,6 +58,13 @@ from worker.bwrap import (
     child_environment,
     sandbox_identity,
     sandbox_prefix,
+)
+from worker.failures import (
+    SandboxFailure,
+    SandboxStopped,
+    deadline_failure,
+    died,
+    reported_failure,
 )
 from worker.messages import (
     MAX_POSITION,
@@ -162,21 +170,6 @@ class ShardOutput(SandboxOutput):
     positions ``shard`` of the evaluation order, and that shard's examples."""
 
     shard: range
-
-
-class SandboxFailure(Exception):
-    """The evaluation did not produce a result; ``message`` is meant for the user."""
-
-    # Why: "model", "out_of_memory", "deadline", "dataset", "crashed", "internal".
-    def __init__(self, kind: str, message: str, *, detail: str = "") -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.detail = detail
-
-
-class SandboxStopped(Exception):
-    """``tick`` asked to stop (the job was cancelled, or this worker lost it)."""
 
 
 def remove_abandoned_job_dirs(tmp_dir: Path | None = None) -> list[Path]:
@@ -594,13 +587,7 @@ class _Driver:
             now = self.clock()
             if now >= deadline:
                 self.kill()
-                raise SandboxFailure(
-                    "deadline",
-                    f"The evaluation did not finish within its time limit of "
-                    f"{_duration(self.limits.deadline_s)} and was stopped. Make the model "
-                    "faster (smaller, or fewer operations per image), or ask the operator for "
-                    "a longer limit.",
-                )
+                raise deadline_failure(self.limits.deadline_s)
             if tick is not None and now >= next_tick:
                 next_tick = now + tick_interval_s
                 if tick():
@@ -694,99 +681,10 @@ class _Driver:
                 self.model.proc.wait(_MODEL_EXIT_WAIT_S)
             except subprocess.TimeoutExpired:
                 self.model.kill()
-            return _died(self.model.proc.returncode, self.limits, self.model.tail())
-        return _child_error(report, self.limits, self.job, self.model.tail())
+            return died(self.model.proc.returncode, self.limits.memory_bytes, self.model.tail())
+        return reported_failure(
+            report, self.limits.memory_bytes, self.job.batch_size, self.model.tail()
+        )
 
     def _evaluator_died(self) -> SandboxFailure:
-        return _died(self.evaluator.proc.returncode, self.limits, self.evaluator.tail())
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds:.0f} s"
-
-
-def _memory_message(limits: SandboxLimits, job: SandboxJob) -> str:
-    cap = (
-        f" (the limit is {limits.memory_bytes / 2**30:.1f} GiB of host memory)"
-        if limits.memory_bytes
-        else ""
-    )
-    return (
-        f"The evaluation ran out of memory{cap}. Reduce the model's memory use: fewer "
-        f"parameters or smaller activations per image (the worker evaluates batches of up to "
-        f"{job.batch_size} images)."
-    )
-
-
-def _child_error(
-    report: ErrorReport, limits: SandboxLimits, job: SandboxJob, stderr: str
-) -> SandboxFailure:
-    text = report.message[:2000]
-    if report.category is ErrorCategory.OUT_OF_MEMORY:
-        return SandboxFailure("out_of_memory", _memory_message(limits, job), detail=text)
-    if report.category is ErrorCategory.DATASET:
-        return SandboxFailure(
-            "dataset",
-            f"The benchmark's dataset is not available on the worker, which the operator has "
-            f"to fix; submit again once it is installed. ({text})",
-            detail=text,
-        )
-    if report.category is ErrorCategory.MODEL:
-        return SandboxFailure("model", _model_message(report.error, text), detail=stderr)
-    return SandboxFailure("internal", f"The evaluation failed: {text}", detail=stderr)
-
-
-_MODEL_PREFIX = {
-    "WeightsMismatchError": "The weights do not fit the architecture",
-    "UnknownArchitectureError": "Unknown architecture",
-    "ModelFormatError": "The model file cannot be used",
-    "ModelOutputError": "The model's output is unusable",
-    "UnknownBenchmarkError": "Unknown benchmark",
-}
-
-
-def _model_message(error: str, text: str) -> str:
-    prefix = _MODEL_PREFIX.get(error)
-    if prefix is not None:
-        return f"{prefix}: {text}"
-    return f"The model raised an error while it was evaluated: {text}"
-
-
-def _died(returncode: int | None, limits: SandboxLimits, stderr: str) -> SandboxFailure:
-    """A sandboxed process exited without a report."""
-    if any(line.startswith(SETUP_ERROR_PREFIXES) for line in stderr.splitlines()):
-        # bubblewrap, setpriv or unshare could not build the sandbox: nothing ran.
-        return SandboxFailure(
-            "internal",
-            "The worker cannot start its sandbox; the operator has to fix this (see the "
-            "worker's log).",
-            detail=stderr,
-        )
-    lowered = stderr.lower()
-    memory_words = ("memoryerror", "bad_alloc", "cannot allocate memory", "out of memory")
-    killed = returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
-    if killed or any(word in lowered for word in memory_words):
-        # A SIGKILL we did not send is the kernel's OOM killer (or the container's).
-        cap = (
-            f" (the limit is {limits.memory_bytes / 2**30:.1f} GiB)" if limits.memory_bytes else ""
-        )
-        return SandboxFailure(
-            "out_of_memory",
-            f"The evaluation process was killed, most likely because it ran out of "
-            f"memory{cap}. Reduce the model's memory use: fewer parameters or smaller "
-            "activations per image.",
-            detail=stderr,
-        )
-    code = returncode if returncode is not None else -1
-    how = f"signal {-code}" if code < 0 else f"exit status {code}"
-    return SandboxFailure(
-        "crashed",
-        f"The evaluation process crashed ({how}) without reporting an error. If the model is "
-        "a torch.export archive, check that the exported program runs with torch 2.14 on a CPU "
-        "before saving it: ep.module()(torch.rand(2, C, H, W)).",
-        detail=stderr,
-    )
+        return died(self.evaluator.proc.returncode, self.limits.memory_bytes, self.evaluator.tail())
