@@ -61,6 +61,10 @@ class Reporter:
         self.stream.write(report.model_dump_json().encode() + b"\n")
         self.stream.flush()
 
+    def start_shard(self) -> None:
+        """A shard's progress starts afresh: its first message is never held back."""
+        self.last_phase = None
+
     def progress(self, progress: Any) -> None:
         now = time.monotonic()
         if progress.phase == self.last_phase and now - self.last_progress < _PROGRESS_EVERY_S:
@@ -163,7 +167,7 @@ def run_session(
         while (line := read_line(requests)) is not None:
             request = ShardRequest.model_validate_json(line)
             shard = range(request.start, request.stop)
-            reporter.last_phase = None
+            reporter.start_shard()
             result = evaluate(
                 classifier,
                 dataset,
