@@ -27,20 +27,24 @@ size compares with plain inference at 512.
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import pstats
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from bench import ROOT, CountBatches, InMemory, grid_only, plain_inference_seconds
-from torch import nn
+from torch import Tensor, nn
 
-from evaluator.attacks import Classifier
+from evaluator.attacks import Classifier, grid_pair_predictor
 from evaluator.benchmarks import get_benchmark
 from evaluator.data import load_dataset
 from evaluator.evaluate import evaluate
 from evaluator.models.loading import load_safetensors_model
+from evaluator.search import CandidateOrder, search_candidates
+from evaluator.transforms import spatial_transform
 
 
 def _cumulative(
@@ -111,6 +115,81 @@ def profile_attack(method: str, args: argparse.Namespace) -> None:
         stats.sort_stats("tottime").print_stats(args.top)
 
 
+def replay(method: str, args: argparse.Namespace) -> None:
+    """(a)'s grid search taken apart: run once with every answer recorded, then each part
+    alone on the same pairs in the same batches, timed by ``args``' clock: the search with
+    the recorded answers (its bookkeeping and ordering, no model, no resampling), the
+    resampling of every batch, the classifier on every resampled batch (as the search calls
+    it, softmax included, and the logits alone), and plain inference over as many passes in
+    full batches, (b) of `scripts/bench.py`."""
+    spec, grid = get_benchmark("digits"), get_benchmark("digits").grid
+    images, labels = load_dataset(spec, None).load(torch.arange(540))
+    classifier = Classifier(_load(method), 10, device="cpu", batch_size=args.batch_size)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    points, identity = grid.points(), grid.identity_index()
+    assert identity is not None
+    natural = classifier.logits(images).argmax(dim=1)
+    answers = torch.full((len(labels), grid.size), -1, dtype=torch.long)
+    batches: list[tuple[Tensor, Tensor]] = []
+    live = grid_pair_predictor(classifier, images, points, spec.fill)
+
+    def recording(rows: Tensor, cands: Tensor) -> Tensor:
+        preds = live(rows, cands)
+        answers[rows, cands] = preds
+        batches.append((rows, cands))
+        return preds
+
+    def search(predict: Callable[[Tensor, Tensor], Tensor]) -> int:
+        outcome = search_candidates(
+            predict,
+            labels,
+            grid.size,
+            pairs_per_batch=classifier.batch_size,
+            order=CandidateOrder(grid.prior_order()),
+            known=(identity, natural == labels, natural),
+        )
+        return int(outcome.robust.sum())
+
+    start = clock()
+    robust = search(recording)
+    whole = clock() - start
+    passes = sum(len(rows) for rows, _ in batches)
+
+    start = clock()
+    assert search(lambda rows, cands: answers[rows, cands]) == robust
+    bookkeeping = clock() - start
+    transform = predict = logits = 0.0
+    for rows, cands in batches:
+        start = clock()
+        moved = spatial_transform(images[rows], points[cands], spec.fill)
+        transform += clock() - start
+        start = clock()
+        classifier.predict(moved)
+        predict += clock() - start
+        start = clock()
+        classifier.logits(moved).argmax(dim=1)
+        logits += clock() - start
+    plain = plain_inference_seconds(classifier, images, passes, clock)
+    gather = whole - bookkeeping - transform - predict
+
+    sizes = collections.Counter(len(rows) for rows, _ in batches)
+    print(f"small_cnn {method}: grid search, {passes:,} passes in {len(batches)} batches "
+          f"({sizes.get(args.batch_size, 0)} full), {robust} images robust, "
+          f"{'CPU' if args.cpu_time else 'wall'} seconds")  # fmt: skip
+    rows_out = [
+        ("whole search (a, less the natural pass)", whole),
+        ("  search bookkeeping + ordering", bookkeeping),
+        ("  resampling", transform),
+        ("  classifier.predict (logits + softmax)", predict),
+        ("  the rest (gathering images, recording)", gather),
+        ("classifier.logits + argmax, same batches", logits),
+        ("(b) plain inference, same passes, full batches", plain),
+    ]
+    for label, seconds in rows_out:
+        print(f"  {label:<48} {seconds:8.2f} s  {seconds / whole:6.1%}  "
+              f"{passes / seconds:8,.0f} passes/s")  # fmt: skip
+
+
 def sweep(args: argparse.Namespace) -> None:
     """Median passes per second of plain inference at each batch size, sizes interleaved."""
     spec = get_benchmark("digits")
@@ -146,6 +225,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest functions")
     parser.add_argument("--sweep", action="store_true", help="plain inference by batch size")
     parser.add_argument(
+        "--replay", action="store_true", help="the search's parts timed alone (see replay)"
+    )
+    parser.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 180, 256, 512, 1024]
     )
     parser.add_argument("--passes", type=int, default=20_480, help="passes per sweep timing")
@@ -163,6 +245,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.sweep:
         sweep(args)
+    elif args.replay:
+        for method in args.models:
+            replay(method, args)
     else:
         for method in args.models:
             profile_attack(method, args)
