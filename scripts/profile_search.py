@@ -15,13 +15,19 @@ under cProfile, its wall time split into
 and the batches sent to the model, counted by size. cProfile adds a fixed cost per Python
 call, so the Python-heavy parts read somewhat larger than they are; their order is what counts.
 
+--replay takes the search apart without cProfile's cost per call: it runs it once recording
+every answer, then times each part alone on the same pairs in the same batches (see `replay`).
+With --threads 1 --cpu-time the figures count this process's CPU time only, so other jobs on a
+shared machine slow them much less than they slow the wall clock.
+
 --sweep times plain inference (no transform, no search) at several batch sizes, the sizes
 interleaved and repeated --rounds times, and prints the median passes per second of each: it
 says which batch size this CPU runs fastest, and so how a search that sends batches of another
 size compares with plain inference at 512.
 
     python scripts/profile_search.py --models standard augmentation
-    python scripts/profile_search.py --sweep --batch-sizes 64 128 256 512 1024
+    python scripts/profile_search.py --replay --threads 1 --cpu-time
+    python scripts/profile_search.py --sweep --threads 1 --cpu-time --batch-sizes 64 128 512
 """
 
 from __future__ import annotations
