@@ -87,8 +87,10 @@ class Settings(BaseSettings):
     # Example images kept per evaluation for the model page (fooled ones; a few robust ones).
     example_images: int = 8
     # An evaluation is cut into shards of at most this many images (even sizes), each a task
-    # any worker may take; a benchmark smaller than this is one shard.
-    shard_images: int = Field(default=1000, ge=1)
+    # any worker may take; a benchmark smaller than this is one shard. The expensive subsets
+    # (landscape, vote, first-order, ablations) are the first images of the order, so shards
+    # well under their sizes spread that work over several workers.
+    shard_images: int = Field(default=250, ge=1)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -12,22 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db.models import Evaluation, Submission, SubmissionStatus
-from evaluator.attacks import Classifier
-from evaluator.benchmarks import get_benchmark, load_benchmark_file
-from evaluator.data import load_dataset, resolve_benchmark
-from evaluator.evaluate import EvalOptions, evaluate
-from evaluator.models.loading import ModelFormat, load_model
+from db.models import Evaluation, Shard, Submission, SubmissionStatus
+from evaluator.models.loading import ModelFormat
 from tests.worker.helpers import (
-    QUICK_BENCHMARK,
     WorkerProcess,
-    create_submission,
+    create_model_submission,
     export_file,
+    quick_accuracies,
     wait_for,
 )
 from worker.app import create_celery
@@ -70,7 +65,7 @@ def _start(workers: list[WorkerProcess], settings: Settings, tmp_path: Path) -> 
 
 def _submit(sessions: sessionmaker[Session], settings: Settings, model: Path, **kw: object) -> str:
     with sessions.begin() as session:
-        submission_id = create_submission(session, settings, model, **kw).id
+        submission_id = create_model_submission(session, settings, model, **kw).id
     enqueue_evaluation(submission_id, celery=create_celery(settings))
     return submission_id
 
@@ -107,17 +102,6 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _direct_metrics(settings: Settings, model: Path, limit: int) -> dict[str, float | None]:
-    torch.set_num_threads(1)
-    assert settings.benchmarks_file is not None
-    spec = get_benchmark(QUICK_BENCHMARK, load_benchmark_file(settings.benchmarks_file))
-    dataset = load_dataset(spec)
-    spec = resolve_benchmark(spec, dataset)
-    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
-    result = evaluate(classifier, dataset, spec, EvalOptions(limit=limit))
-    return {key: value.accuracy for key, value in result.metrics.items()}
-
-
 def test_a_worker_evaluates_a_submission_and_a_second_delivery_changes_nothing(
     e2e_settings: Settings,
     sessions: sessionmaker[Session],
@@ -128,7 +112,7 @@ def test_a_worker_evaluates_a_submission_and_a_second_delivery_changes_nothing(
     settings = e2e_settings.model_copy(update={"eval_limit": 40})
     worker = _start(workers, settings, tmp_path)
     submission_id = _submit(sessions, settings, trained_model)
-    expected = _direct_metrics(settings, trained_model, limit=40)
+    expected = quick_accuracies(settings, trained_model, limit=40)
 
     progress_seen: set[float] = set()
 
@@ -241,12 +225,13 @@ def test_a_job_whose_worker_was_killed_is_finished_by_another_worker(
         300,
         what="the second worker to finish the job",
     )
-    row = _row(sessions, submission_id)
-    assert row.attempts == 2
-    assert row.worker is not None and row.worker != first_owner
     assert not any(path.exists() for path in left)  # the next worker did
     with sessions() as session:
         evaluation = session.scalars(select(Evaluation)).one()
+        # One shard (200 images): the run stood, and its shard was handed on once its
+        # heartbeat stopped (by the reaper) and ran again on the second worker.
+        shard = session.scalars(select(Shard)).one()
     assert evaluation.images == 200
-    # Taken over once its heartbeat stopped (by the reaper or directly by the next claim).
-    assert f"evaluating {submission_id} (attempt 2)" in second.log_path.read_text()
+    assert _row(sessions, submission_id).attempts == 1
+    assert shard.attempts == 2 and shard.worker != first_owner
+    assert f"{submission_id}: 1 shard(s) evaluated on" in second.log_path.read_text()
