@@ -21,13 +21,8 @@ from typing import Any
 import torch
 
 from evaluator.ablations import Ablation
-from evaluator.evaluate import (
-    METRIC_FIELDS,
-    MetricValue,
-    ablation_fields,
-    first_order_extra,
-    grid_same_images,
-)
+from evaluator.results import METRIC_FIELDS, MetricValue, ablation_fields
+from evaluator.summary import first_order_extra, grid_same_images
 
 __all__ = ["MergeError", "merge_results", "plan_ranges"]
 
