@@ -44,6 +44,7 @@ from worker.recording import (
 )
 from worker.results import find_stored
 from worker.sharded import Publish, images_to_evaluate, plan_run, run_shards
+from worker.sizing import SizingError
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,8 @@ def _run(
     log.info("evaluating %s (attempt %d) on %s", claim.submission_id, claim.attempt, claim.worker)
     try:
         images = images_to_evaluate(submission.benchmark, settings)
-    except Exception as exc:  # the operator's data or benchmark file; the user cannot fix it
-        log.exception("could not read the dataset of %s", submission.benchmark)
+    except SizingError as exc:  # the operator's data or benchmark file; the user cannot fix it
+        log.error("could not read the dataset of %s: %s", submission.benchmark, exc)
         return record_failure(
             sessions, claim, settings,
             f"The benchmark's dataset could not be read on the worker ({exc}); the operator "

@@ -70,6 +70,7 @@ from worker.sandbox import (
     ShardOutput,
     run_sandboxed_shards,
 )
+from worker.sizing import count_images
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +154,13 @@ def _local_model(storage: Storage, sha256: str, settings: Settings) -> Iterator[
 
 def images_to_evaluate(benchmark: str, settings: Settings) -> int:
     """How many positions the evaluation order of ``benchmark`` has under ``settings`` (its
-    dataset's size, cut to ``eval_limit``). Reads the trusted dataset, never the model."""
-    from evaluator.benchmarks import get_benchmark, load_benchmark_file
-    from evaluator.data import load_dataset
-    from evaluator.evaluate import evaluation_order
-
-    extra = load_benchmark_file(settings.benchmarks_file) if settings.benchmarks_file else None
-    spec = get_benchmark(benchmark, extra)
-    dataset = load_dataset(spec, settings.data_dir)
-    return int(evaluation_order(len(dataset), spec.seed, settings.eval_limit).numel())
+    dataset's size, cut to ``eval_limit``), read in a process of its own (`worker.sizing`)."""
+    return count_images(
+        benchmark,
+        settings.data_dir.resolve(),
+        settings.benchmarks_file.resolve() if settings.benchmarks_file else None,
+        settings.eval_limit,
+    )
 
 
 def plan_run(
