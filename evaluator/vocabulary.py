@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "BOARD_METRICS",
+    "METRIC_FIELDS",
     "METRIC_KEYS",
     "VOTE_ATTACKER_KEYS",
     "BenchmarkCounts",
@@ -27,6 +28,7 @@ __all__ = [
     "MetricText",
     "ModelFormat",
     "TrainingMethod",
+    "ablation_fields",
     "metric_texts",
 ]
 
@@ -86,6 +88,27 @@ BOARD_METRICS: tuple[MetricKey, ...] = (
     MetricKey.VOTE_NATURAL,
     MetricKey.GRID_VOTE,
 )
+
+# The per-image field behind each metric: 1 where the image counts (correct, or robust), 0
+# where it does not, -1 where it was not measured (outside a subset, or the metric off).
+METRIC_FIELDS: dict[MetricKey, str] = {
+    MetricKey.NATURAL: "natural_correct",
+    MetricKey.RANDOM: "random_correct",
+    MetricKey.WORST_OF_K: "worst_of_k_correct",
+    MetricKey.GRID: "grid_robust",
+    MetricKey.VOTE_NATURAL: "vote_natural_correct",
+    MetricKey.GRID_VOTE: "grid_vote_robust",
+    MetricKey.GRID_VOTE_PER_QUERY: "grid_vote_per_query_robust",
+    MetricKey.GRID_VOTE_TRANSFER: "grid_vote_transfer_correct",
+    MetricKey.FIRST_ORDER: "first_order_correct",
+}
+
+
+def ablation_fields(ablation: str) -> tuple[str, str]:
+    """The per-image fields of an ablation (by its name, ``rotation-only``): robust under its
+    grid, and correct at its identity."""
+    key = ablation.replace("-", "_")
+    return f"ablation_{key}_robust", f"ablation_{key}_natural"
 
 
 def _count(value: Any) -> int | None:
