@@ -18,6 +18,9 @@ runs again; workers take the oldest queued job (`claim_next`), so the broker onl
 "there is work" and the database decides which. ``published_at`` is when the id was last
 handed to the broker; `reap` hands it again after ``republish_after_s``, oldest first, so a
 lost message delays a job by at most that long.
+
+Every transition of the lifecycle in one place is the point of this module, so it stays one
+file past the usual length: each transition's fence is read and checked against the others.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ ETA from the rate so far) and its heartbeat, so the submission-level reaper leav
 run to `reap`, which hands a stopped shard to the next worker and republishes shards whose
 message may be lost.
 
-Like `db.lifecycle`, every function flushes and never commits.
+Like `db.lifecycle`, every function flushes and never commits, and like it this module keeps
+every transition of a shard in one place, which is its point, so it stays one file past the
+usual length.
 """
 
 from __future__ import annotations

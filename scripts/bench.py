@@ -33,6 +33,9 @@ attack's time spent resampling (the transform). --quick shrinks it to run on a C
     python scripts/bench.py --suite digits --device cuda --bf16 --repeat 20
     python scripts/bench.py --device cuda           # synthetic CIFAR- and ImageNet-shaped
     python scripts/bench.py --suite synthetic --device cpu --quick
+
+It is one file past the usual length because it is a script run by path: both suites, their
+references and the figures they print stay side by side, with no module of scripts/ to import.
 """
 
 from __future__ import annotations

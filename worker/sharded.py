@@ -16,6 +16,10 @@ per worker, and after each shard it takes the next queued one of the same run.
   examples a single run would have picked (`evaluator.examples.merge_examples`), stores the
   merged result and records it under the run's claim (`worker.recording`); the model page
   shows how many shards and workers took part (``config["sharding"]``).
+
+It is one file past the usual length because planning, running, storing and merging a run's
+shards are one protocol: each step relies on what the one before it made durable, and they
+read best in order.
 """
 
 from __future__ import annotations
