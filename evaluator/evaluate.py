@@ -27,13 +27,15 @@ import torch
 from torch import Tensor
 
 from evaluator.ablations import ablation_variant
-from evaluator.attacks import CandidateOrder, Classifier
+from evaluator.attacks import Classifier
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.options import EvalOptions, Metric, Phase, Progress
 from evaluator.phases import PHASE_STEPS
-from evaluator.results import RECORD_FIELDS, EvaluationResult, ablation_fields
+from evaluator.results import RECORD_FIELDS, EvaluationResult
 from evaluator.run_state import Chunk, Run, RunSettings, Tracker, resolve_settings
+from evaluator.search import CandidateOrder
 from evaluator.summary import summarise
+from evaluator.vocabulary import ablation_fields
 
 __all__ = [
     "Metric",

@@ -23,7 +23,6 @@ from evaluator.attacks import (
     fixed_vote_pair_predictor,
     grid_pair_predictor,
     grid_vote_pair_predictor,
-    search_candidates,
     undefended_worst_points,
     vote_predict,
     vote_with_draws,
@@ -31,9 +30,10 @@ from evaluator.attacks import (
 from evaluator.errors import ModelFormatError, ModelNotDifferentiableError, ModelOutputError
 from evaluator.first_order import first_order_attack
 from evaluator.options import PROTOCOL_PHASES, Metric, Phase
-from evaluator.results import ablation_fields
 from evaluator.run_state import Chunk, Run
+from evaluator.search import search_candidates
 from evaluator.transforms import spatial_transform, uniform_transforms
+from evaluator.vocabulary import ablation_fields
 
 __all__ = ["PHASE_STEPS"]
 

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from evaluator.ablations import Ablation
-from evaluator.attacks import CandidateOrder, Classifier, VoteProtocol, check_cancel
+from evaluator.attacks import Classifier, VoteProtocol, check_cancel
 from evaluator.benchmarks import BenchmarkSpec
 from evaluator.first_order import FirstOrderConfig
 from evaluator.options import PROTOCOL_PHASES, EvalOptions, Metric, Phase, Progress
+from evaluator.search import CandidateOrder
 
 __all__ = ["Chunk", "Run", "RunSettings", "Tracker", "resolve_settings"]
 
@@ -31,6 +32,8 @@ __all__ = ["Chunk", "Run", "RunSettings", "Tracker", "resolve_settings"]
 
 @dataclass(frozen=True)
 class RunSettings:
+    """The options with the benchmark's defaults filled in, resolved once per run."""
+
     metrics: frozenset[Metric]
     seed: int
     vote_subset: int | None
@@ -132,6 +135,10 @@ class Tracker:
 
 @dataclass
 class Run:
+    """What one evaluation carries from chunk to chunk: the per-image record, the forward
+    passes of each phase, the candidate orders the searches learn across chunks, and the
+    landscape's counts."""
+
     classifier: Classifier
     benchmark: BenchmarkSpec
     settings: RunSettings
@@ -164,6 +171,9 @@ class Run:
 
 @dataclass
 class Chunk:
+    """One chunk's images on the classifier's device, and what earlier phases leave on it for
+    later ones."""
+
     positions: Tensor
     rows: slice
     ids: Tensor
