@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluator.ablations import Ablation
-from evaluator.vocabulary import MetricKey
-
-__all__ = ["METRIC_FIELDS", "RECORD_FIELDS", "EvaluationResult", "MetricValue", "ablation_fields"]
+__all__ = ["RECORD_FIELDS", "EvaluationResult", "MetricValue"]
 
 
 @dataclass
@@ -82,11 +79,6 @@ class EvaluationResult:
         return out
 
 
-def ablation_fields(ablation: Ablation) -> tuple[str, str]:
-    """Per-image fields of an ablation: robust under its grid, correct at its identity."""
-    return f"ablation_{ablation.key}_robust", f"ablation_{ablation.key}_natural"
-
-
 RECORD_FIELDS = (
     "label",
     "natural_pred",
@@ -103,17 +95,3 @@ RECORD_FIELDS = (
     "grid_vote_transfer_point",
     "first_order_correct",
 )
-
-
-# The per-image field behind each result metric: 1 where the image counts (correct, or robust).
-METRIC_FIELDS: dict[str, str] = {
-    MetricKey.NATURAL: "natural_correct",
-    MetricKey.RANDOM: "random_correct",
-    MetricKey.WORST_OF_K: "worst_of_k_correct",
-    MetricKey.GRID: "grid_robust",
-    MetricKey.VOTE_NATURAL: "vote_natural_correct",
-    MetricKey.GRID_VOTE: "grid_vote_robust",
-    MetricKey.GRID_VOTE_PER_QUERY: "grid_vote_per_query_robust",
-    MetricKey.GRID_VOTE_TRANSFER: "grid_vote_transfer_correct",
-    MetricKey.FIRST_ORDER: "first_order_correct",
-}

@@ -9,7 +9,8 @@ summed).
 
 Every count is a sum; every accuracy is recomputed from the merged counts the way `evaluate`
 computes it (so the floats are the very same); the per-image records are concatenated in
-position order; the landscape's counts are summed over the shards that measured it.
+position order; the landscape's counts are summed over the shards that measured it. Pure
+Python: the worker merges, and the worker process imports no torch.
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from evaluator.ablations import Ablation
-from evaluator.results import METRIC_FIELDS, MetricValue, ablation_fields
-from evaluator.summary import first_order_extra, grid_same_images
+from evaluator.results import MetricValue
+from evaluator.vocabulary import METRIC_FIELDS, MetricKey, ablation_fields
 
 __all__ = ["MergeError", "merge_results", "plan_ranges"]
 
@@ -117,7 +115,7 @@ def _merge_metrics(
     parts: Sequence[dict[str, Any]], per_image: dict[str, list[int]]
 ) -> dict[str, dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
-    grid_ran = "grid" in parts[0]["metrics"]
+    grid_ran = MetricKey.GRID in parts[0]["metrics"]
     for key, value in parts[0]["metrics"].items():
         errors = [p["metrics"][key] for p in parts if p["metrics"][key].get("error")]
         if errors:
@@ -128,19 +126,24 @@ def _merge_metrics(
             total=sum(int(p["metrics"][key]["total"]) for p in parts),
         )
         extra = {k: value[k] for k in _CONSTANT_EXTRAS if k in value}
-        field_name = METRIC_FIELDS.get(key)
         same: dict[str, float] = {}
-        if grid_ran and field_name is not None and "grid_same_images" in _union_keys(parts, key):
-            same = grid_same_images(
-                torch.tensor(per_image["grid_robust"]), torch.tensor(per_image[field_name])
-            )
-        if key == "first_order":
-            extra |= first_order_extra(metric, same)
-        else:
-            extra |= same
+        if grid_ran and key in METRIC_FIELDS and "grid_same_images" in _union_keys(parts, key):
+            same = _grid_same_images(per_image["grid_robust"], per_image[METRIC_FIELDS[key]])
+        extra |= same
+        if key == MetricKey.FIRST_ORDER and same and metric.total:
+            # As `evaluator.summary.first_order_extra` computes it.
+            extra["gap_to_grid"] = metric.correct / metric.total - same["grid_same_images"]
         metric.extra = extra
         merged[key] = metric.to_dict()
     return merged
+
+
+def _grid_same_images(grid_robust: list[int], values: list[int]) -> dict[str, float]:
+    """As `evaluator.summary.grid_same_images` computes it, on the merged lists."""
+    measured = [grid for grid, value in zip(grid_robust, values, strict=True) if value >= 0]
+    if not measured:
+        return {}
+    return {"grid_same_images": float(sum(1 for g in measured if g == 1)) / len(measured)}
 
 
 def _union_keys(parts: Sequence[dict[str, Any]], key: str) -> set[str]:
@@ -153,15 +156,20 @@ def _merge_landscape(parts: Sequence[dict[str, Any] | None]) -> dict[str, Any] |
         return None
     first = measured[0]
     images = sum(int(p["images"]) for p in measured)
-    correct = torch.tensor([p["correct"] for p in measured], dtype=torch.long).sum(dim=0)
+    correct = [sum(column) for column in zip(*(p["correct"] for p in measured), strict=True)]
+    # Each accuracy is one float64 division of two integers, as the evaluator's tensor
+    # division is: the same value bit for bit.
+    accuracy: list[Any] = [c / images for c in correct]
+    for size in reversed(first["shape"][1:]):
+        accuracy = [accuracy[i : i + size] for i in range(0, len(accuracy), size)]
     return {
         "shape": first["shape"],
         "thetas": first["thetas"],
         "dxs": first["dxs"],
         "dys": first["dys"],
         "images": images,
-        "correct": correct.tolist(),
-        "accuracy": (correct.double() / images).view(first["shape"]).tolist(),
+        "correct": correct,
+        "accuracy": accuracy,
     }
 
 
@@ -179,7 +187,7 @@ def _merge_ablations(
             correct=sum(int(r["correct"]) for r in records),
             total=sum(int(r["images"]) for r in records),
         )
-        natural = _accuracy_of(per_image, ablation_fields(Ablation(name))[1])
+        natural = _accuracy_of(per_image, ablation_fields(name)[1])
         merged[name] = {
             **record,
             "images": robust.total,

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from evaluator.ablations import ablation_variant
 from evaluator.options import Metric
-from evaluator.results import METRIC_FIELDS, EvaluationResult, MetricValue, ablation_fields
+from evaluator.results import EvaluationResult, MetricValue
 from evaluator.run_state import Run
+from evaluator.vocabulary import METRIC_FIELDS, MetricKey, ablation_fields
 
 __all__ = ["first_order_extra", "grid_same_images", "summarise"]
 
@@ -54,7 +55,7 @@ def _metrics(run: Run) -> dict[str, MetricValue]:
     if Metric.VOTE in s.metrics:
         results["vote_natural"] = _measured(record["vote_natural_correct"])
         for protocol in s.vote_protocols:
-            field_name = METRIC_FIELDS[protocol.metric_key]
+            field_name = METRIC_FIELDS[MetricKey(protocol.metric_key)]
             value = _measured(record[field_name])
             value.extra = {"protocol": protocol.value, "attacker": protocol.description}
             value.extra |= _grid_same_images(run, field_name)
