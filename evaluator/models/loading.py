@@ -29,6 +29,10 @@ all under one top folder named after the file's stem (``<top>``)::
     <top>/data/constants/model_constants_config.json
     <top>/data/sample_inputs/model.pt               sample inputs, pickled with torch.save
                                                     (never read; stripped at upload)
+
+Recognising, checking and loading stay in one module past the usual length: they share the
+refusal messages that say how to convert, and `evaluator.models` exports them as one entry
+point. Reading an archive's members is `evaluator.models.pt2`'s.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from evaluator.errors import (
     WeightsMismatchError,
 )
 from evaluator.models.registry import get_architecture, list_architectures
+from evaluator.models.zips import check_member_count
 from evaluator.vocabulary import ModelFormat
 
 __all__ = [
@@ -132,7 +137,7 @@ def detect_format(path: StrPath) -> ModelFormat:
             return ModelFormat.SAFETENSORS
     if zipfile.is_zipfile(path):
         # Before zipfile parses the directory: 400,000 members cost seconds and 200 MB.
-        pt2.check_member_count(path)
+        check_member_count(path)
         return _classify_zip(path)
     if head.startswith(b"PK\x03\x04"):
         raise ModelFormatError(

@@ -556,7 +556,7 @@ def test_exported_module_is_the_public_wrapper(exported: tuple[Path, nn.Module])
 
 
 def test_zip_members_are_counted_from_the_end_record(tmp_path: Path) -> None:
-    from evaluator.models.pt2 import count_zip_members
+    from evaluator.models.zips import count_zip_members
 
     path = tmp_path / "three.zip"
     with zipfile.ZipFile(path, "w") as zf:
