@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from evaluator.attacks import VoteProtocol
 from evaluator.benchmarks import DEFAULT_LANDSCAPE_SUBSET
-from evaluator.cli import app, results_table
+from evaluator.cli import app
+from evaluator.cli_tables import results_table
 from evaluator.models import get_architecture
 from evaluator.vocabulary import METRIC_KEYS, VOTE_ATTACKER_KEYS
 
