@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evaluator.errors import EvaluationCancelled, ModelOutputError
-from evaluator.search import CandidateOrder, PairPredictor, search_candidates
+from evaluator.search import PairPredictor
 from evaluator.transforms import (
     FillMode,
     GridSpec,
@@ -29,18 +29,9 @@ from evaluator.transforms import (
     spatial_transform,
     uniform_transforms,
 )
-
-# CandidateOrder and search_candidates are imported here by evaluator/evaluate.py only; they are
-# kept importable from this module until it imports them from evaluator.search.
 from evaluator.vocabulary import VOTE_ATTACKER_KEYS
 
-__all__ = [
-    "VoteProtocol",
-    "Classifier",
-    "majority_vote",
-    "CandidateOrder",
-    "search_candidates",
-]
+__all__ = ["VoteProtocol", "Classifier", "majority_vote"]
 
 # Streams keep the draws of different metrics independent of each other.
 STREAM_WORST_OF_K = 1
