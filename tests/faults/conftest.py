@@ -23,10 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from api.services.users import create_token, create_user
 from config.settings import Settings
-from db.models import Submission
+from db.models import Submission, SubmissionStatus
 from db.session import transaction
 from tests.worker.conftest import (  # noqa: F401  (fixtures)
-    backend,
     benchmarks_file,
     database_url,
     sessions,
@@ -39,7 +38,7 @@ POSTGRES_SCRIPT = ROOT / "scripts" / "postgres.sh"
 
 
 @pytest.fixture(params=["postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:  # noqa: F811  (one backend here)
+def backend(request: pytest.FixtureRequest) -> str:  # one backend here
     return str(request.param)
 
 
@@ -159,6 +158,37 @@ def wait_for_row(
         timeout,
         what=what or f"submission {submission_id}",
     )
+
+
+@dataclass
+class Run:
+    """A job running on a worker a test started: the worker, the submission and its claim."""
+
+    worker: WorkerProcess
+    submission_id: str
+    token: str
+
+
+def start_run(
+    api: Api,
+    workers: Workers,
+    sessions: sessionmaker[Session],  # noqa: F811
+    settings: Settings,  # noqa: F811
+    model: Path,
+    progress: float,
+) -> Run:
+    """Start a worker on ``settings``, upload ``model`` and wait until its run is past
+    ``progress`` (a fraction), so that a fault strikes a job mid-way."""
+    worker = workers.start(settings)
+    submission_id = api.upload(model)["id"]
+    running = wait_for_row(
+        sessions,
+        submission_id,
+        lambda r: r.status is SubmissionStatus.RUNNING and r.progress >= progress,
+        what=f"the run to pass {progress:.0%}",
+    )
+    assert running.claim_token is not None
+    return Run(worker, submission_id, running.claim_token)
 
 
 # --- A PostgreSQL server of the test's own, to stop and start --------------------------------

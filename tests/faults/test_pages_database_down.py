@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.serve_helpers import ServeProcess
 from tests.fixtures_db import _run_script
+from tests.serve_helpers import ServeProcess
 
 pytestmark = pytest.mark.timeout(300)
 

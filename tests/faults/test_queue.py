@@ -21,7 +21,7 @@ from config.settings import Settings
 from db import lifecycle
 from db.models import SubmissionStatus, utcnow
 from tests.faults.conftest import Api, Workers, row, wait_for_row
-from tests.worker.helpers import create_submission, small_cnn_file, wait_for
+from tests.worker.helpers import create_model_submission, small_cnn_file, wait_for
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -57,7 +57,9 @@ def test_a_lost_message_does_not_wait_behind_steady_arrivals(
     settings = fault_settings.model_copy(update={"eval_limit": 20, "republish_after_s": 3.0})
     # Queued, but its message never reached the broker (a failed enqueue, a broker restart).
     with sessions.begin() as session:
-        lost = create_submission(session, settings, small_cnn_file(tmp_path / "lost.st", seed=99))
+        lost = create_model_submission(
+            session, settings, small_cnn_file(tmp_path / "lost.st", seed=99)
+        )
         lost_id = lost.id
         lifecycle.submit(session, lost, utcnow())
 
@@ -114,10 +116,7 @@ def test_a_job_whose_worker_died_runs_again_before_later_jobs(
     # Its heartbeat has stopped for longer than the timeout when the next worker looks.
     timeout = timedelta(seconds=settings.heartbeat_timeout_s + 1)
     wait_for(
-        lambda: (
-            (beat := row(sessions, sid).heartbeat_at) is not None
-            and utcnow() - beat.replace(tzinfo=beat.tzinfo or utcnow().tzinfo) > timeout
-        ),
+        lambda: (beat := row(sessions, sid).heartbeat_at) is not None and utcnow() - beat > timeout,
         60,
         what="the heartbeat to go stale",
     )

@@ -13,19 +13,13 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from db.models import Evaluation, SubmissionStatus
-from evaluator.attacks import Classifier
-from evaluator.benchmarks import get_benchmark, load_benchmark_file
-from evaluator.data import load_dataset, resolve_benchmark
-from evaluator.evaluate import EvalOptions, evaluate
-from evaluator.models.loading import load_model
-from tests.faults.conftest import Api, Workers, wait_for_row, with_cont
-from tests.worker.helpers import QUICK_BENCHMARK, wait_for
+from tests.faults.conftest import Api, Workers, start_run, wait_for_row, with_cont
+from tests.worker.helpers import quick_accuracies, wait_for
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -38,19 +32,6 @@ RUNNING, FINISHED = SubmissionStatus.RUNNING, SubmissionStatus.FINISHED
 HALF = [0.5, 0.5, 0.5]
 
 
-def _natural(settings: Settings, model: Path, mean: list[float] | None) -> float | None:
-    """The natural accuracy the evaluator gives for ``model`` with ``mean``/``std``."""
-    torch.set_num_threads(1)
-    assert settings.benchmarks_file is not None and settings.eval_limit is not None
-    spec = get_benchmark(QUICK_BENCHMARK, load_benchmark_file(settings.benchmarks_file))
-    dataset = load_dataset(spec)
-    spec = resolve_benchmark(spec, dataset)
-    net = load_model(model, arch="small_cnn", mean=mean, std=mean)
-    result = evaluate(Classifier(net, 10, batch_size=256), dataset, spec,
-                      EvalOptions(limit=settings.eval_limit))  # fmt: skip
-    return result.metrics["natural"].accuracy
-
-
 def test_a_frozen_workers_result_is_refused_after_a_cancel_and_a_resubmit(
     fault_settings: Settings,
     sessions: sessionmaker[Session],
@@ -59,15 +40,9 @@ def test_a_frozen_workers_result_is_refused_after_a_cancel_and_a_resubmit(
     trained_model: Path,
 ) -> None:
     settings = fault_settings.model_copy(update={"eval_limit": 120})
-    first = workers.start(settings)
-    sid = api.upload(trained_model)["id"]
-    running = wait_for_row(
-        sessions, sid, lambda r: r.status is RUNNING and r.progress >= 0.5,
-        what="the first run to pass half way",
-    )  # fmt: skip
+    run = start_run(api, workers, sessions, settings, trained_model, progress=0.5)
+    first, sid, old_token = run.worker, run.submission_id, run.token
     os.killpg(first.proc.pid, signal.SIGSTOP)
-    old_token = running.claim_token
-    assert old_token is not None
 
     assert api.cancel(sid)["cancel_requested"] is True
     again = api.upload(trained_model, mean="0.5,0.5,0.5", std="0.5,0.5,0.5")
@@ -91,8 +66,10 @@ def test_a_frozen_workers_result_is_refused_after_a_cancel_and_a_resubmit(
     assert evaluation.job is not None
     assert evaluation.job["claim_token"] == done.claim_token != old_token
     assert (evaluation.job["mean"], evaluation.job["std"]) == (HALF, HALF)
-    assert evaluation.natural == _natural(settings, trained_model, HALF)
-    assert _natural(settings, trained_model, None) != evaluation.natural
+    limit = settings.eval_limit
+    half = quick_accuracies(settings, trained_model, limit, mean=HALF, std=HALF)["natural"]
+    assert evaluation.natural == half
+    assert quick_accuracies(settings, trained_model, limit)["natural"] != evaluation.natural
 
 
 def test_a_resubmit_right_after_a_cancel_runs(

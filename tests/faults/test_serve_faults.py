@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.faults.serve_helpers import Services, alive
+from tests.serve_helpers import Services, alive
 from tests.worker.helpers import small_cnn_file, wait_for
 
 pytestmark = pytest.mark.timeout(300)

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import zipfile
@@ -34,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 import worker.sandbox as sandbox
-from tests.worker.helpers import QUICK_BENCHMARK, QUICK_BENCHMARK_TOML, ROOT, free_port, wait_for
+from tests.serve_helpers import ServeProcess
+from tests.worker.helpers import QUICK_BENCHMARK, ROOT, wait_for
 from worker.sandbox import (
     SANDBOX_JOB,
     Role,
@@ -69,49 +69,23 @@ class Serve:
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     """``spatialbench serve`` in its embedded mode, with one real submission evaluated (so its
-    database, storage and token hold what an attacker would want)."""
+    database, storage and token hold what an attacker would want). The sandbox runs as the
+    default unprivileged user, not as the test's."""
     folder = tmp_path_factory.mktemp("serve")
     state = folder / "var"
-    benchmarks = folder / "benchmarks.toml"
-    benchmarks.write_text(QUICK_BENCHMARK_TOML)
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SPATIALBENCH_")}
-    env.update(
-        SPATIALBENCH_BENCHMARKS_FILE=str(benchmarks),
-        SPATIALBENCH_EVAL_LIMIT="20",
-        SPATIALBENCH_SANDBOX_THREADS="1",
-        SPATIALBENCH_BATCH_SIZE="256",
-        SPATIALBENCH_SANDBOX_DEADLINE_S="300",
-        PYTHONUNBUFFERED="1",
-    )
-    out_path = folder / "serve.out"
-    with out_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from spatialbench.cli import main; main()", "serve",
-             f"--port={port}", f"--state-dir={state}"],
-            cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    service = ServeProcess(
+        state, folder, cwd=folder, sandbox_user="nobody", eval_limit="20", batch_size="256",
+        sandbox_deadline_s="300",
+    )  # fmt: skip
     try:
-        wait_for(
-            lambda: "Press Ctrl-C" in out_path.read_text() or proc.poll() is not None,
-            180,
-            what="serve to start",
-        )
-        assert proc.poll() is None, out_path.read_text()
-        text = out_path.read_text()
-        token = next(line for line in text.splitlines() if "export TOKEN=" in line).split("=")[1]
-        server = Serve(f"http://127.0.0.1:{port}", port, proc.pid, token.strip(), state)
+        token = service.wait_ready(timeout=180)
+        server = Serve(service.url, service.port, service.proc.pid, token, state)
         with server.client() as client:
             submitted = _submit(client, BASELINE, "honest baseline", "small_cnn")
             _wait_final(client, submitted)
         yield server
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        service.stop()
 
 
 def _submit(client: httpx.Client, path: Path, name: str, arch: str | None) -> httpx.Response:

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import SecretStr
@@ -21,8 +21,13 @@ from sqlalchemy.orm import Session
 from torch import Tensor, nn
 
 from config.settings import Settings
-from db.models import Submission, User
-from evaluator.vocabulary import ModelFormat
+from db.models import Submission
+from tests import factories
+
+if TYPE_CHECKING:
+    from evaluator.benchmarks import BenchmarkSpec
+    from evaluator.options import EvalOptions
+    from evaluator.results import EvaluationResult
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,22 +54,48 @@ def small_cnn_file(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def _evaluation(
+    benchmark: BenchmarkSpec, model: Path, options: EvalOptions, **model_options: Any
+) -> EvaluationResult:
+    """``model`` (small_cnn weights) evaluated in this process, with no worker or sandbox."""
+    from evaluator.attacks import Classifier
+    from evaluator.data import load_dataset, resolve_benchmark
+    from evaluator.evaluate import evaluate
+    from evaluator.models.loading import load_model
+
+    torch.set_num_threads(1)
+    dataset = load_dataset(benchmark)
+    spec = resolve_benchmark(benchmark, dataset)
+    classifier = Classifier(
+        load_model(model, arch="small_cnn", **model_options), 10, batch_size=256
+    )
+    return evaluate(classifier, dataset, spec, options)
+
+
 def digits_result(folder: Path, **options: Any) -> dict[str, Any]:
     """A real evaluation of a randomly initialised ``small_cnn`` on the digits benchmark, as
     ``EvaluationResult.to_dict()`` gives it (``options`` go to ``EvalOptions``; the
     benchmark's defaults otherwise)."""
-    from evaluator.attacks import Classifier
     from evaluator.benchmarks import get_benchmark
-    from evaluator.data import load_dataset, resolve_benchmark
-    from evaluator.evaluate import EvalOptions, evaluate
-    from evaluator.models.loading import load_model
+    from evaluator.options import EvalOptions
 
     model = small_cnn_file(folder / "m.safetensors")
-    torch.set_num_threads(1)
-    dataset = load_dataset(get_benchmark("digits"))
-    spec = resolve_benchmark(get_benchmark("digits"), dataset)
-    classifier = Classifier(load_model(model, arch="small_cnn"), 10, batch_size=256)
-    return evaluate(classifier, dataset, spec, EvalOptions(**options)).to_dict()
+    return _evaluation(get_benchmark("digits"), model, EvalOptions(**options)).to_dict()
+
+
+def quick_accuracies(
+    settings: Settings, model: Path, limit: int | None, **model_options: Any
+) -> dict[str, float | None]:
+    """The accuracy of each metric for ``model`` on the quick benchmark of ``settings``,
+    computed here: what a worker's run of the same job must store (``model_options``, such as
+    ``mean`` and ``std``, go to ``load_model``)."""
+    from evaluator.benchmarks import get_benchmark, load_benchmark_file
+    from evaluator.options import EvalOptions
+
+    assert settings.benchmarks_file is not None
+    spec = get_benchmark(QUICK_BENCHMARK, load_benchmark_file(settings.benchmarks_file))
+    result = _evaluation(spec, model, EvalOptions(limit=limit), **model_options)
+    return {key: value.accuracy for key, value in result.metrics.items()}
 
 
 def trained_small_cnn_file(path: Path, epochs: int = 2) -> Path:
@@ -135,33 +166,25 @@ def store_model(settings: Settings, source: Path) -> tuple[str, int]:
     return digest, target.stat().st_size
 
 
-def create_user(session: Session, name: str = "alice") -> User:
-    user = User(name=name)
-    session.add(user)
-    session.flush()
-    return user
-
-
-def create_submission(
+def create_model_submission(
     session: Session, settings: Settings, model: Path, **overrides: Any
 ) -> Submission:
-    """A queued submission of ``model`` (stored like an upload) owned by a new user."""
+    """A queued submission of ``model`` on the quick benchmark, the file stored like an upload
+    (`tests.factories.create_submission` for the rest, a new owner unless ``owner`` is given)."""
     digest, size = store_model(settings, model)
-    owner = overrides.pop("owner", None) or create_user(session, f"user-{digest[:8]}")
     fields: dict[str, Any] = {
-        "owner_id": owner.id,
         "display_name": model.stem,
         "benchmark": QUICK_BENCHMARK,
-        "model_format": ModelFormat.SAFETENSORS,
-        "architecture": "small_cnn",
         "file_sha256": digest,
         "file_size": size,
+        **overrides,
     }
-    fields.update(overrides)
-    submission = Submission(**fields)
-    session.add(submission)
-    session.flush()
-    return submission
+    return factories.create_submission(session, fields.pop("owner", None), **fields)
+
+
+# The old name, which tests/worker/test_runner.py still imports; drop it once that file imports
+# create_model_submission (it is not `tests.factories.create_submission`).
+create_submission = create_model_submission
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

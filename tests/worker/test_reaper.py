@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from db.lifecycle import reap
 from db.models import Submission, SubmissionStatus, utcnow
-from tests.worker.helpers import ROOT, create_submission, settings_env, small_cnn_file
+from tests.worker.helpers import ROOT, create_model_submission, settings_env, small_cnn_file
 
 
 def _running(
@@ -28,7 +28,7 @@ def _running(
     model = small_cnn_file(tmp_path / f"m{len(list(tmp_path.iterdir()))}.safetensors",
                            seed=len(list(tmp_path.iterdir())))  # fmt: skip
     with sessions.begin() as session:
-        return create_submission(
+        return create_model_submission(
             session, settings, model, status=SubmissionStatus.RUNNING, heartbeat_at=heartbeat,
             attempts=attempts, worker="dead:1", **kw,
         ).id  # fmt: skip
@@ -91,7 +91,7 @@ def test_queued_jobs_are_published_again_oldest_first_whatever_the_broker_holds(
         model = small_cnn_file(tmp_path / f"m{i}.safetensors", seed=i)
         with sessions.begin() as session:
             ids.append(
-                create_submission(
+                create_model_submission(
                     session, settings, model, published_at=published,
                     queued_at=now - timedelta(seconds=100 - i),
                 ).id
@@ -112,7 +112,7 @@ def test_a_requeued_job_keeps_its_place_in_the_queue(
     with sessions.begin() as session:
         assert reap(session, now, settings) == [sid]
     row = _row(sessions, sid)
-    assert row.queued_at.replace(tzinfo=None) == queued_at.replace(tzinfo=None)
+    assert row.queued_at == queued_at
     assert row.claim_token is None
 
 

@@ -1,4 +1,5 @@
-"""A real ``spatialbench serve`` in a subprocess, and the process tree it starts."""
+"""A real ``spatialbench serve`` in a subprocess, and the process tree it starts: the one way
+the tests (faults, security, the worker's own) start the embedded service."""
 
 from __future__ import annotations
 
@@ -45,8 +46,12 @@ class ServeProcess:
         log_dir: Path,
         name: str = "serve",
         options: tuple[str, ...] = (),
-        **env: str,
+        *,
+        cwd: Path = ROOT,
+        **settings: str,
     ) -> None:
+        """``settings`` override `serve_env`'s, by setting name (``eval_limit="20"``); ``cwd``
+        is where it runs (a ``.env`` file there would be read)."""
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -56,19 +61,23 @@ class ServeProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "from spatialbench.cli import main; main()", "serve",
                  f"--port={self.port}", f"--state-dir={state_dir}", *options],
-                cwd=ROOT, env=serve_env(state_dir, **env), stdout=out, stderr=err,
+                cwd=cwd, env=serve_env(state_dir, **settings), stdout=out, stderr=err,
             )  # fmt: skip
 
-    def wait_ready(self) -> str:
+    def wait_ready(self, timeout: float = SERVE_START_TIMEOUT_S) -> str:
         """Wait for the instructions; returns the local user's token."""
         wait_for(
             lambda: "Press Ctrl-C" in self.out_path.read_text() or self.proc.poll() is not None,
-            SERVE_START_TIMEOUT_S,
+            timeout,
             what="serve to start",
         )
         assert self.proc.poll() is None, self.err_path.read_text()
         text = self.out_path.read_text()
-        return next(line for line in text.splitlines() if "export TOKEN=" in line).split("=")[1]
+        return (
+            next(line for line in text.splitlines() if "export TOKEN=" in line)
+            .split("=")[1]
+            .strip()
+        )
 
     def wait_listening(self) -> None:
         """Wait until the API answers (for a serve started with ``--no-local-user``)."""
