@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from db.models import Submission, SubmissionStatus, utcnow
 from tests.api.conftest import Account
-from tests.api.factories import create_finished, create_submission
+from tests.factories import create_finished, create_submission
 from tests.fixtures_db import TestDatabase
 
 # --- GET /submissions/{id} ---------------------------------------------------------------------
@@ -24,6 +24,7 @@ def test_running_submission_shows_progress(
         progress=0.25, forward_passes=12345, eta_seconds=42.0, started_at=started,
         heartbeat_at=started, attempts=1, worker="gpu-0",
     )  # fmt: skip
+    test_db.session.commit()
     body = client.get(f"/api/v1/submissions/{sub.id}").json()
     assert body["status"] == "running" and body["phase"] == "grid"
     assert body["progress"] == 0.25 and body["forward_passes"] == 12345
@@ -36,6 +37,7 @@ def test_finished_submission_shows_its_metrics(
     client: TestClient, alice: Account, test_db: TestDatabase
 ) -> None:
     sub = create_finished(test_db.session, alice.user, evaluation={"grid": 0.031, "natural": 0.93})
+    test_db.session.commit()
     body = client.get(f"/api/v1/submissions/{sub.id}").json()
     assert body["status"] == "finished"
     metrics = body["evaluation"]["metrics"]
@@ -48,6 +50,7 @@ def test_failed_submission_shows_its_message(client: TestClient, test_db: TestDa
     sub = create_submission(
         test_db.session, status=SubmissionStatus.FAILED, message="The model returned NaN logits."
     )
+    test_db.session.commit()
     body = client.get(f"/api/v1/submissions/{sub.id}").json()
     assert body["status"] == "failed" and body["message"] == "The model returned NaN logits."
 
@@ -56,6 +59,7 @@ def test_private_submission_is_visible_to_its_owner_only(
     client: TestClient, alice: Account, bob: Account, test_db: TestDatabase
 ) -> None:
     sub = create_submission(test_db.session, alice.user, is_public=False)
+    test_db.session.commit()
     assert client.get(f"/api/v1/submissions/{sub.id}", headers=alice.headers).status_code == 200
     for headers in (bob.headers, {}):
         response = client.get(f"/api/v1/submissions/{sub.id}", headers=headers)
@@ -72,6 +76,7 @@ def test_admin_sees_private_submissions(
 ) -> None:  # fmt: skip
     admin = make_account(name="admin", is_admin=True)
     sub = create_submission(test_db.session, alice.user, is_public=False)
+    test_db.session.commit()
     assert client.get(f"/api/v1/submissions/{sub.id}", headers=admin.headers).status_code == 200
 
 
@@ -79,6 +84,7 @@ def test_public_submission_is_visible_without_a_token(
     client: TestClient, test_db: TestDatabase
 ) -> None:
     sub = create_submission(test_db.session)
+    test_db.session.commit()
     assert client.get(f"/api/v1/submissions/{sub.id}").status_code == 200
 
 
@@ -91,6 +97,7 @@ def test_a_bad_token_is_refused_even_where_none_is_needed(
     client: TestClient, test_db: TestDatabase
 ) -> None:
     sub = create_submission(test_db.session)
+    test_db.session.commit()
     response = client.get(
         f"/api/v1/submissions/{sub.id}", headers={"Authorization": "Bearer sb_wrong"}
     )
@@ -112,6 +119,7 @@ def test_list_shows_own_submissions_newest_first_with_filters(
     )
     done = create_finished(test_db.session, alice.user)
     create_submission(test_db.session, bob.user)
+    test_db.session.commit()
     body = client.get("/api/v1/submissions", headers=alice.headers).json()
     assert body["total"] == 3
     assert [item["id"] for item in body["items"]][:1] in ([done.id], [new.id])
@@ -148,6 +156,7 @@ def test_cancel_queued_submission_at_once(
     client: TestClient, alice: Account, test_db: TestDatabase
 ) -> None:
     sub = create_submission(test_db.session, alice.user)
+    test_db.session.commit()
     response = client.post(f"/api/v1/submissions/{sub.id}/cancel", headers=alice.headers)
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
@@ -159,6 +168,7 @@ def test_cancel_running_submission_asks_the_worker(
     client: TestClient, alice: Account, test_db: TestDatabase
 ) -> None:
     sub = create_submission(test_db.session, alice.user, status=SubmissionStatus.RUNNING)
+    test_db.session.commit()
     response = client.post(f"/api/v1/submissions/{sub.id}/cancel", headers=alice.headers)
     assert response.status_code == 200
     assert response.json()["status"] == "running"
@@ -174,6 +184,7 @@ def test_cancel_after_the_end_is_a_conflict(
     client: TestClient, alice: Account, test_db: TestDatabase, status: SubmissionStatus
 ) -> None:
     sub = create_submission(test_db.session, alice.user, status=status)
+    test_db.session.commit()
     response = client.post(f"/api/v1/submissions/{sub.id}/cancel", headers=alice.headers)
     assert response.status_code == 409
     assert f"already {status.value}" in response.json()["detail"]
@@ -184,6 +195,7 @@ def test_cancel_cancelled_changes_nothing(
     client: TestClient, alice: Account, test_db: TestDatabase
 ) -> None:
     sub = create_submission(test_db.session, alice.user, status=SubmissionStatus.CANCELLED)
+    test_db.session.commit()
     response = client.post(f"/api/v1/submissions/{sub.id}/cancel", headers=alice.headers)
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
 
@@ -193,6 +205,7 @@ def test_only_the_owner_can_cancel(
 ) -> None:
     public = create_submission(test_db.session, alice.user)
     private = create_submission(test_db.session, alice.user, is_public=False)
+    test_db.session.commit()
     response = client.post(f"/api/v1/submissions/{public.id}/cancel", headers=bob.headers)
     assert response.status_code == 403
     assert "owner" in response.json()["detail"]
