@@ -28,15 +28,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from db import lifecycle
 from db import shards as shard_states
-from db.lifecycle import Claim, JobConfig
+from db.lifecycle import Claim, JobConfig, RunState
 from db.models import Submission, SubmissionStatus, utcnow
 from db.session import transaction
 from db.shards import ShardClaim
 from storage import Storage, storage_from_settings
 from worker.recording import (
+    DATABASE_DOWN,
     DatabaseUnavailable,
     Outcome,
     evaluation_from_result,
+    record_cancelled,
     record_failure,
     record_stored,
     retrying,
@@ -44,7 +46,7 @@ from worker.recording import (
 )
 from worker.results import find_stored
 from worker.sharded import Publish, images_to_evaluate, plan_run, run_shards
-from worker.sizing import SizingError
+from worker.sizing import SizingError, SizingStopped
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +178,13 @@ def _run(
         )
         return record_stored(sessions, claim, settings, storage, stored)
     log.info("evaluating %s (attempt %d) on %s", claim.submission_id, claim.attempt, claim.worker)
+    heartbeat = _Heartbeat(sessions, claim, settings)
     try:
-        images = images_to_evaluate(submission.benchmark, settings)
+        images = images_to_evaluate(submission.benchmark, settings, heartbeat)
+    except SizingStopped:
+        if heartbeat.state is RunState.CANCEL:
+            return record_cancelled(sessions, claim, settings)
+        return Outcome.LOST
     except SizingError as exc:  # the operator's data or benchmark file; the user cannot fix it
         log.error("could not read the dataset of %s: %s", submission.benchmark, exc)
         return record_failure(
@@ -199,3 +206,22 @@ def _run(
         # Other workers took every shard between the plan and now.
         return Outcome.SHARDS_DONE
     return run_shards(sessions, settings, storage, first, time_limit_errors=time_limit_errors)
+
+
+class _Heartbeat:
+    """The run's heartbeat while its job is being cut into shards (counting the images takes
+    seconds); False, with ``state`` saying why, once the run is cancelled or lost."""
+
+    def __init__(self, sessions: sessionmaker[Session], claim: Claim, settings: Settings) -> None:
+        self.sessions = sessions
+        self.claim = claim
+        self.settings = settings
+        self.state = RunState.CONTINUE
+
+    def __call__(self) -> bool:
+        try:
+            with transaction(self.sessions) as session:
+                self.state = lifecycle.heartbeat(session, self.claim, utcnow())
+        except DATABASE_DOWN:
+            log.warning("heartbeat for %s failed", self.claim.submission_id, exc_info=True)
+        return self.state is RunState.CONTINUE

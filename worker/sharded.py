@@ -156,14 +156,19 @@ def _local_model(storage: Storage, sha256: str, settings: Settings) -> Iterator[
 # --- Planning -----------------------------------------------------------------------------------
 
 
-def images_to_evaluate(benchmark: str, settings: Settings) -> int:
+def images_to_evaluate(
+    benchmark: str, settings: Settings, keep_going: Callable[[], bool] | None = None
+) -> int:
     """How many positions the evaluation order of ``benchmark`` has under ``settings`` (its
-    dataset's size, cut to ``eval_limit``), read in a process of its own (`worker.sizing`)."""
+    dataset's size, cut to ``eval_limit``), read in a process of its own (`worker.sizing`);
+    ``keep_going`` is the run's heartbeat meanwhile."""
     return count_images(
         benchmark,
         settings.data_dir.resolve(),
         settings.benchmarks_file.resolve() if settings.benchmarks_file else None,
         settings.eval_limit,
+        keep_going=keep_going,
+        interval_s=min(1.0, settings.progress_interval_s),
     )
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["SizingError", "count_images"]
+__all__ = ["SizingError", "SizingStopped", "count_images"]
 
 # Reading the digits or CIFAR-10 test set takes a second or two; an imagefolder of 50,000 files
 # a few more. Past this the data folder is unusable (a hung network mount, say).
@@ -25,28 +27,49 @@ class SizingError(Exception):
     """The dataset could not be read; the message says why (for the operator)."""
 
 
+class SizingStopped(Exception):
+    """``keep_going`` said to stop: the job was cancelled or taken away meanwhile."""
+
+
 def count_images(
     benchmark: str,
     data_dir: Path,
     benchmarks_file: Path | None = None,
     limit: int | None = None,
+    *,
+    keep_going: Callable[[], bool] | None = None,
+    interval_s: float = 1.0,
 ) -> int:
-    """The number of positions in the evaluation order of ``benchmark``."""
+    """The number of positions in the evaluation order of ``benchmark``. ``keep_going`` is
+    called about every ``interval_s`` while the count runs (the caller's heartbeat); when it
+    returns False the count is killed and `SizingStopped` raised."""
     command = [sys.executable, "-m", "worker.sizing", benchmark, "--data-dir", str(data_dir)]
     if benchmarks_file is not None:
         command += ["--benchmarks-file", str(benchmarks_file)]
     if limit is not None:
         command += ["--limit", str(limit)]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=SIZING_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise SizingError(f"reading the dataset took over {SIZING_TIMEOUT_S:.0f} s") from exc
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        raise SizingError(lines[-1] if lines else f"exit status {done.returncode}")
-    return int(done.stdout.strip())
+    deadline = time.monotonic() + SIZING_TIMEOUT_S
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=interval_s)
+                break
+            except subprocess.TimeoutExpired:
+                stop = keep_going is not None and not keep_going()
+                if stop or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.communicate()
+                    if stop:
+                        raise SizingStopped() from None
+                    raise SizingError(
+                        f"reading the dataset took over {SIZING_TIMEOUT_S:.0f} s"
+                    ) from None
+    if proc.returncode != 0:
+        lines = err.strip().splitlines()
+        raise SizingError(lines[-1] if lines else f"exit status {proc.returncode}")
+    return int(out.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
