@@ -174,8 +174,8 @@ def test_protocols_first_order_and_ablations_are_chosen_on_the_command_line(
          "--json", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "grid + vote, transfer attacker" in result.output
-    assert "adaptive attacker" not in result.output and "first-order" not in result.output
+    assert "grid + vote (transfer)" in result.output
+    assert "grid + vote (adaptive)" not in result.output and "first-order" not in result.output
     doc = json.loads(out.read_text())
     assert doc["config"]["vote_protocols"] == ["transfer"]
     assert doc["config"]["first_order"] is None
