@@ -24,6 +24,9 @@ from tests.worker.helpers import WorkerProcess, wait_for
 from worker.recording import Outcome
 from worker.runner import run_submission
 
+# Redis and PostgreSQL, as production runs them.
+pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
+
 IMAGES = 60
 SHARD_IMAGES = 6  # ten shards
 
@@ -103,7 +106,6 @@ def pool_owner(workers: list[WorkerProcess], shard_worker: str) -> WorkerProcess
     raise AssertionError(f"no started worker runs {shard_worker}")
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
 def test_three_workers_and_a_kill_give_the_single_worker_result(
     shard_settings: Settings,
     sessions: sessionmaker[Session],  # noqa: F811
@@ -172,7 +174,6 @@ def test_three_workers_and_a_kill_give_the_single_worker_result(
     assert json.dumps(alone.per_image) == json.dumps(sharded.per_image)
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
 def test_cancel_stops_every_shard(
     shard_settings: Settings,
     sessions: sessionmaker[Session],  # noqa: F811
