@@ -234,3 +234,11 @@ def test_api_and_worker_store_objects_in_the_bucket_minio_init_creates(
 def test_substitution_follows_compose() -> None:
     assert substitute("${A:-x}/${B:?set B}/$${C}/${D}") == "x/required-B/${C}/"
     assert substitute("no variables") == "no variables"
+
+
+def test_every_secret_must_be_set_by_the_operator() -> None:
+    """A password with a default would run production on a password everyone can read."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    secrets = [m.groups() for m in _VARIABLE.finditer(text) if "PASSWORD" in m.group(1)]
+    assert secrets
+    assert [(name, kind) for name, kind, _ in secrets if kind != "?"] == []
