@@ -2,24 +2,25 @@
 
 digits (the default on a CPU): the grid attack against the physical floor, the model's own
 inference throughput. For each shipped digits baseline, side by side in one run:
-  (a) wall time of the grid attack (natural pass + grid search with early exit, as the service
+  (a) time of the grid attack (natural pass + grid search with early exit, as the service
       runs it, no landscape subset),
-  (b) wall time of plain batched inference over the same number of forward passes (the same
-      images, already on the device, in batches of the same size, no transform); (a) and (b)
-      alternate --rounds times and the medians are compared,
+  (b) time of plain batched inference over the same number of forward passes (the same
+      images, already on the device, in batches of the same size, no transform),
   (c) forward passes used against the 775 x N of a full grid,
-  (r) a straightforward early-exit reference, timed alternately with (a) and (b): the natural
+  (r) a straightforward early-exit reference (the issue's, taken literally): the natural
       pass, then per round every standing image tries its next untried grid point in a fixed
       order (the grid's prior order less the identity, which the natural pass answered),
       batch by batch, and stops at its first fooling point,
   (r2) the same fixed order and early exit, but each round fills one batch: the standing
       images (at most a batch of them) share it equally, each trying its next points in the
       fixed order, and leave after the round in which one fooled them; where (r) runs one
-      batch per grid point for the last few standing images (775 one-image batches for one
+      batch per grid point for the last few standing images (774 one-image batches for one
       robust image), (r2) keeps its batches full,
 the ratios (r)/(a) and (r2)/(a) (the search's gain over each), the forward passes and batches
 (model calls) of (a), (r) and (r2), and the same attack without early exit for reference.
-Both references must find the same robust images as (a), or the run stops.
+Both references must find the same robust images as (a), or the run stops. (a), (b), (r)
+and (r2) alternate --rounds times and the medians are compared: wall-clock seconds, or with
+--cpu-time this process's CPU time (with --threads 1, immune to waiting for a core).
 
 synthetic (the default on a GPU): the paper's two settings at full size with random weights
 and random images: a CIFAR-10-shaped benchmark (the paper's ResNet-32, 10,000 images of
