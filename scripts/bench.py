@@ -20,7 +20,7 @@ the ratios (r)/(a) and (r2)/(a) (the search's gain over each), the forward passe
 (model calls) of (a), (r) and (r2), and the same attack without early exit for reference.
 Both references must find the same robust images as (a), or the run stops. (a), (b), (r)
 and (r2) alternate --rounds times and the medians are compared: wall-clock seconds, or with
---cpu-time this process's CPU time (with --threads 1, immune to waiting for a core).
+--cpu-time this process's CPU time (with --threads 1, waiting for a core does not count).
 
 synthetic (the default on a GPU): the paper's two settings at full size with random weights
 and random images: a CIFAR-10-shaped benchmark (the paper's ResNet-32, 10,000 images of

@@ -242,8 +242,8 @@ def main() -> None:
     parser.add_argument(
         "--cpu-time",
         action="store_true",
-        help="time the sweep by this process's CPU time (with --threads 1: immune to waiting "
-        "for a core on a shared machine)",
+        help="time --sweep and --replay by this process's CPU time (with --threads 1, waiting "
+        "for a core on a shared machine does not count)",
     )
     args = parser.parse_args()
     if args.threads:
