@@ -184,7 +184,7 @@ def grid_pair_predictor(
 
     def predict(rows: Tensor, cands: Tensor) -> Tensor:
         moved = spatial_transform(images[rows], points[cands], fill)
-        return classifier.predict(moved)[0]
+        return classifier.logits(moved).argmax(dim=1)
 
     return predict
 
@@ -196,7 +196,7 @@ def draw_pair_predictor(
 
     def predict(rows: Tensor, cands: Tensor) -> Tensor:
         moved = spatial_transform(images[rows], draws[rows, cands], fill)
-        return classifier.predict(moved)[0]
+        return classifier.logits(moved).argmax(dim=1)
 
     return predict
 
