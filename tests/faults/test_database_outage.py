@@ -16,11 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db.models import Evaluation, SubmissionStatus
+from db.models import Evaluation, Shard, ShardStatus, SubmissionStatus
 from storage import storage_from_settings
+from storage.keys import shard_result_key, shards_prefix
 from tests.faults.conftest import Api, PostgresServer, Workers, start_run, wait_for_row
 from tests.worker.helpers import small_cnn_file, wait_for
-from worker.results import result_key, results_prefix
+from worker.results import results_prefix
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -44,10 +45,11 @@ def _evaluation(sessions: sessionmaker[Session], submission_id: str) -> Evaluati
         ).one()
 
 
-def _sandbox_children_done(settings: Settings, submission_id: str, token: str) -> Path:
+def _sandbox_children_done(settings: Settings, submission_id: str) -> Path:
+    """The job's one shard (120 images) stored its result: durable before any database write."""
     assert settings.storage_dir is not None  # the local backend: the worker's own folder
-    stored = settings.storage_dir / result_key(submission_id, token)
-    wait_for(stored.exists, 240, what="the finished result to be stored")
+    stored = settings.storage_dir / shard_result_key(submission_id, 0)
+    wait_for(stored.exists, 240, what="the finished shard to be stored")
     return stored
 
 
@@ -65,7 +67,7 @@ def test_a_result_finished_during_an_outage_is_recorded_when_the_database_is_bac
     sid, token = run.submission_id, run.token
     own_postgres.stop()
     try:
-        stored = _sandbox_children_done(settings, sid, token)
+        stored = _sandbox_children_done(settings, sid)
         time.sleep(OUTAGE_S)
     finally:
         own_postgres.start()
@@ -94,7 +96,7 @@ def test_a_worker_restarted_after_an_outage_records_the_stored_result_and_consum
     other = api.upload(small_cnn_file(tmp_path / "other.safetensors", seed=3))["id"]
     own_postgres.stop()
     try:
-        _sandbox_children_done(settings, sid, token)
+        _sandbox_children_done(settings, sid)
         # The worker dies while it waits to record the result.
         os.killpg(first.proc.pid, signal.SIGKILL)
         first.proc.wait()
@@ -113,9 +115,14 @@ def test_a_worker_restarted_after_an_outage_records_the_stored_result_and_consum
         assert done.status is FINISHED, done.message
     log = second.log_path.read_bytes()
     assert b"raised unexpected" not in log
-    assert b"recording the stored result of " + sid.encode() in log
+    # The shard the first worker finished was handed on (its worker stopped) and taken as done
+    # from its stored result, not evaluated again; the run itself stood.
+    assert f"shard 0 of {sid}: its stored result is reused".encode() in log
+    with sessions() as session:
+        shard = session.scalars(select(Shard).where(Shard.submission_id == sid)).one()
+    assert shard.attempts == 2 and shard.status is ShardStatus.DONE
     evaluation = _evaluation(sessions, sid)
     assert evaluation.job is not None
-    # Computed by the first worker's run, recorded under the second worker's claim.
-    assert evaluation.job["computed_under"] == token != evaluation.job["claim_token"]
-    assert storage_from_settings(settings).list(results_prefix(sid)) == []
+    assert evaluation.job["computed_under"] == token == evaluation.job["claim_token"]
+    storage = storage_from_settings(settings)
+    assert storage.list(results_prefix(sid)) == [] and storage.list(shards_prefix(sid)) == []
