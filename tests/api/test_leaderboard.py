@@ -16,7 +16,7 @@ from api.services.leaderboard import MAX_PER_PAGE, leaderboard
 from db.models import Evaluation, SubmissionStatus, utcnow
 from evaluator.vocabulary import BOARD_METRICS, METRIC_KEYS, TrainingMethod
 from tests.api.conftest import Account
-from tests.api.factories import create_finished, create_submission
+from tests.factories import create_finished, create_submission
 from tests.fixtures_db import TestDatabase
 
 
@@ -53,6 +53,7 @@ def board(test_db: TestDatabase, alice: Account, bob: Account) -> dict[str, str]
     create_submission(s, alice.user, status=SubmissionStatus.RUNNING)
     create_submission(s, alice.user, status=SubmissionStatus.FAILED)
     create_finished(s, alice.user, benchmark="cifar10", evaluation={"grid": 0.99})
+    s.commit()
     return ids
 
 

@@ -15,7 +15,7 @@ from config.settings import Settings
 from db.models import Evaluation, Submission, SubmissionStatus, utcnow
 from evaluator.vocabulary import TrainingMethod
 from tests.api.conftest import Account, Enqueued, make_client
-from tests.api.factories import create_finished, create_submission, create_token, create_user
+from tests.factories import create_finished, create_submission, create_token, create_user
 from tests.fixtures_db import (  # noqa: F401  (fixtures)
     TestDatabase,
     pg_connection_fixture,
@@ -40,7 +40,9 @@ def client_fixture(settings: Settings, test_db: TestDatabase) -> Iterator[TestCl
 
 def _account(test_db: TestDatabase, name: str) -> Account:
     user = create_user(test_db.session, name=name)
-    return Account(user, create_token(test_db.session, user))
+    account = Account(user, create_token(test_db.session, user))
+    test_db.session.commit()  # the app's sessions must see the user and the token
+    return account
 
 
 @pytest.fixture(name="alice")
@@ -160,7 +162,7 @@ def board_fixture(test_db: TestDatabase, settings: Settings, alice: Account, bob
         s, alice.user, display_name="Cancelled model", status=SubmissionStatus.CANCELLED,
         message="Cancelled by its owner before it started.", finished_at=now,
     )  # fmt: skip
-    attach_examples(test_db, settings, standard.id)
+    attach_examples(test_db, settings, standard.id)  # commits: the app sees the whole board
     return Board(
         standard=standard.id, robust=robust.id, augmented=augmented.id, xss=xss.id,
         private=private.id, flagged=flagged.id, queued=queued.id, running=running.id,

@@ -17,7 +17,7 @@ from config.settings import Settings
 from evaluator.vocabulary import BenchmarkCounts, MetricKey, metric_texts
 from spatialbench import client as cli
 from tests.api.conftest import Account
-from tests.api.factories import create_finished
+from tests.factories import create_finished
 from tests.fixtures_db import TestDatabase
 from tests.pages import seed
 from tests.pages.test_pages import get_html, table
@@ -67,6 +67,7 @@ def tiny_fixture(test_db: TestDatabase, alice: Account) -> str:
         test_db.session, alice.user, display_name="Tiny model", benchmark=TINY,
         evaluation=tiny_fields(),
     )  # fmt: skip
+    test_db.session.commit()
     return created.id
 
 
@@ -127,6 +128,7 @@ def test_the_histogram_falls_back_to_the_benchmarks_grid_not_the_default(
     created = create_finished(
         test_db.session, alice.user, benchmark=TINY, evaluation=fields
     )  # fmt: skip
+    test_db.session.commit()
     svg = client.get(f"/submissions/{created.id}/fool-histogram.svg")
     assert svg.status_code == 200
     assert "grid points (of 45)" in svg.text
@@ -169,6 +171,7 @@ def test_model_page_says_how_a_sharded_evaluation_was_split(
     created = create_finished(
         test_db.session, alice.user, benchmark=TINY, evaluation=tiny_fields(sharding=sharding)
     )  # fmt: skip
+    test_db.session.commit()
     page = get_html(client, f"/submissions/{created.id}")
     record = page[page.index('id="sharding"') :]
     record = record[: record.index("</div>")]

@@ -40,7 +40,7 @@ from scripts.screenshots import (
     plots_loaded,
     save_screenshot,
 )
-from tests.api.factories import create_evaluation, create_finished, create_submission, create_user
+from tests.factories import create_evaluation, create_finished, create_submission, create_user
 from tests.pages import seed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,6 +271,7 @@ def test_running_submission_updates_live_and_shows_results_when_done(
         assert row is not None
         row.status, row.progress = SubmissionStatus.FINISHED, 1.0
         create_evaluation(session, row, **seed.evaluation_fields(0.9, 0.8, 0.7, 0.6, 0.9, 0.7))
+        session.commit()
     page.wait_for_selector("#results-heading", timeout=15_000)
     assert page.locator("#progress").count() == 0
     page.close()

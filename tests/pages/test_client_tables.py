@@ -12,7 +12,7 @@ from rich.console import Console
 from evaluator.vocabulary import BenchmarkCounts
 from spatialbench import client as cli
 from tests.api.conftest import Account
-from tests.api.factories import create_finished
+from tests.factories import create_finished
 from tests.fixtures_db import TestDatabase
 from tests.pages import seed
 from tests.pages.conftest import Board

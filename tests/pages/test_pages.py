@@ -15,7 +15,7 @@ from api.schemas import SortKey, SortOrder
 from db.models import SubmissionStatus
 from evaluator.vocabulary import TrainingMethod
 from tests.api.conftest import Account
-from tests.api.factories import create_finished
+from tests.factories import create_finished
 from tests.fixtures_db import TestDatabase
 from tests.pages import seed
 from tests.pages.conftest import XSS_NAME, Board, submission
@@ -175,6 +175,7 @@ def test_filter_by_training_method(client: TestClient, board: Board):
 
 def test_filter_by_architecture(client: TestClient, board: Board, test_db: TestDatabase):
     create_finished(test_db.session, display_name="Other arch", architecture="resnet32")
+    test_db.session.commit()
     page = get_html(client, "/leaderboard/digits?architecture=resnet32")
     assert [n for n in re.findall(r">([^<>]+)</a>", table(page)) if n == "Other arch"]
     assert len(ranked_ids(page)) == 1

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from db.models import SubmissionStatus, utcnow
 from tests.api.conftest import Account
-from tests.api.factories import create_submission
+from tests.factories import create_submission
 from tests.fixtures_db import TestDatabase
 from tests.worker.helpers import digits_result
 from worker.result_bounds import check_result
