@@ -32,22 +32,11 @@ SHARD_IMAGES = 6  # ten shards
 
 
 @pytest.fixture
-def fault_settings(settings: Settings, clean_redis: str) -> Settings:  # noqa: F811
+def fault_settings(fault_settings: Settings, clean_redis: str) -> Settings:  # noqa: F811
     """The fault tests' short timings, on Redis, with the evaluation cut into ten shards (the
     API fixture publishes with these settings too)."""
-    return settings.model_copy(
-        update={
-            "broker_url": clean_redis,
-            "eval_limit": IMAGES,
-            "shard_images": SHARD_IMAGES,
-            "heartbeat_timeout_s": 5.0,
-            "reaper_interval_s": 1.0,
-            "republish_after_s": 3600.0,
-            "progress_interval_s": 0.5,
-            "task_soft_time_limit_s": 300,
-            "task_hard_time_limit_s": 360,
-        }
-    )
+    update = {"broker_url": clean_redis, "eval_limit": IMAGES, "shard_images": SHARD_IMAGES}
+    return fault_settings.model_copy(update=update)
 
 
 @pytest.fixture
