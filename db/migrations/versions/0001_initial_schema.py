@@ -1,5 +1,9 @@
 """The initial schema: users, API tokens, submissions, evaluations (db/models.py at 0.1.0).
 
+A migration is a frozen record of one schema change, never edited afterwards nor shared with
+later code, which is why its table shapes repeat those of other migrations (the duplicates
+tool flags them).
+
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-25 00:48:38.524272

@@ -2,6 +2,10 @@
 result was computed with, per-owner uniqueness, resubmissions counted by the daily cap; and
 the first-order accuracy as a column.
 
+A migration is a frozen record of one schema change, never edited afterwards nor shared with
+later code, which is why its table shapes repeat those of other migrations (the duplicates
+tool flags them).
+
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-30 18:40:00

@@ -1,6 +1,10 @@
 """Sharded evaluation: a running submission's evaluation order cut into shards that any worker
 may take (see `db.shards`).
 
+A migration is a frozen record of one schema change, never edited afterwards nor shared with
+later code, which is why its table shapes repeat those of other migrations (the duplicates
+tool flags them).
+
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-30 22:00:00
