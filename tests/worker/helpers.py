@@ -182,11 +182,6 @@ def create_model_submission(
     return factories.create_submission(session, fields.pop("owner", None), **fields)
 
 
-# The old name, which tests/worker/test_runner.py still imports; drop it once that file imports
-# create_model_submission (it is not `tests.factories.create_submission`).
-create_submission = create_model_submission
-
-
 def settings_env(settings: Settings) -> dict[str, str]:
     """``settings`` as SPATIALBENCH_ environment variables, for a worker subprocess."""
     env: dict[str, str] = {}

@@ -6,23 +6,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from db.lifecycle import claim as claim_submission
 from db.models import Evaluation, Submission, SubmissionStatus, utcnow
-from evaluator.attacks import Classifier
-from evaluator.benchmarks import get_benchmark, load_benchmark_file
-from evaluator.data import load_dataset, resolve_benchmark
-from evaluator.evaluate import EvalOptions, evaluate
-from evaluator.models.loading import ModelFormat, load_model
+from evaluator.models.loading import ModelFormat
 from storage import storage_from_settings
 from tests.worker.helpers import (
     QUICK_BENCHMARK,
-    create_submission,
+    create_model_submission,
     export_file,
+    quick_accuracies,
     small_cnn_file,
 )
 from worker.recording import record_failure
@@ -32,7 +28,7 @@ from worker.runner import Outcome, run_next, run_submission
 
 def _new(sessions: sessionmaker[Session], settings: Settings, model: Path, **kw: object) -> str:
     with sessions.begin() as session:
-        return create_submission(session, settings, model, **kw).id
+        return create_model_submission(session, settings, model, **kw).id
 
 
 def _row(sessions: sessionmaker[Session], submission_id: str) -> Submission:
@@ -112,19 +108,6 @@ def test_a_write_from_a_lost_claim_changes_nothing(
     assert (row.status, row.worker, row.message) == (SubmissionStatus.RUNNING, "w2", None)
 
 
-def _direct(settings: Settings, model: Path, limit: int) -> dict[str, float | None]:
-    torch.set_num_threads(1)
-    assert settings.benchmarks_file is not None
-    spec = get_benchmark(QUICK_BENCHMARK, load_benchmark_file(settings.benchmarks_file))
-    dataset = load_dataset(spec)
-    spec = resolve_benchmark(spec, dataset)
-    classifier = Classifier(
-        load_model(model, arch="small_cnn", num_classes=10), 10, batch_size=settings.batch_size
-    )
-    result = evaluate(classifier, dataset, spec, EvalOptions(limit=limit))
-    return {key: value.accuracy for key, value in result.metrics.items()}
-
-
 # The sandbox runs the same on both; the serve test records a result on SQLite.
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_run_submission_records_the_evaluators_result(
@@ -140,7 +123,7 @@ def test_run_submission_records_the_evaluators_result(
     assert row.finished_at is not None and row.forward_passes > 0
     with sessions() as session:
         evaluation = session.scalars(select(Evaluation)).one()
-    expected = _direct(settings, model, limit=40)
+    expected = quick_accuracies(settings, model, limit=40)
     got = {key: value["accuracy"] for key, value in evaluation.metrics.items()}
     assert got == expected
     assert (evaluation.natural, evaluation.grid) == (expected["natural"], expected["grid"])
