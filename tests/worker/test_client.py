@@ -1,57 +1,39 @@
 """The ``spatialbench`` client commands against a real server: ``serve`` with its worker.
 
 They live beside the worker's end-to-end tests because they share the served-service fixtures
-(a trained small CNN, the quick benchmark, settings on SQLite).
+(a trained small CNN, the quick benchmark).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from config.settings import Settings
 from spatialbench.client import app
-from tests.worker.helpers import QUICK_BENCHMARK, free_port, settings_env, wait_for
+from tests.serve_helpers import ServeProcess
+from tests.worker.helpers import QUICK_BENCHMARK, free_port
 
 pytestmark = pytest.mark.timeout(600)
-on_sqlite = pytest.mark.parametrize("backend", ["sqlite"])
 runner = CliRunner()
 
 
 @pytest.fixture
-def served(settings: Settings, tmp_path: Path):
-    port = free_port()
-    env = {**os.environ, **settings_env(settings.model_copy(update={"eval_limit": 30}))}
-    for name in ("DATABASE_URL", "BROKER_URL", "STORAGE_DIR", "STATE_DIR"):
-        env.pop(f"SPATIALBENCH_{name}", None)
-    out_path = tmp_path / "serve.out"
-    with out_path.open("wb") as out, (tmp_path / "serve.err").open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from spatialbench.cli import main; main()", "serve",
-             f"--port={port}", f"--state-dir={tmp_path / 'var'}"],
-            cwd=tmp_path, env=env, stdout=out, stderr=err,
-        )  # fmt: skip
+def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A serve in its embedded default (SQLite), its url and the local user's token."""
+    service = ServeProcess(
+        tmp_path / "var", tmp_path, cwd=tmp_path, eval_limit="30", batch_size="256",
+        sandbox_deadline_s="120", heartbeat_timeout_s="30", example_images="4",
+    )  # fmt: skip
     try:
-        wait_for(lambda: "Press Ctrl-C" in out_path.read_text() or proc.poll() is not None, 120)
-        assert proc.poll() is None, (tmp_path / "serve.err").read_text()[-2000:]
-        token = re.search(r"export TOKEN=(\S+)", out_path.read_text()).group(1)  # type: ignore[union-attr]
-        yield f"http://127.0.0.1:{port}", token
+        yield service.url, service.wait_ready()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        service.stop()
 
 
-@on_sqlite
 def test_submit_wait_status_and_leaderboard(served, trained_model: Path, monkeypatch) -> None:
     url, token = served
     monkeypatch.setenv("SPATIALBENCH_URL", url)
@@ -83,7 +65,6 @@ def test_submit_wait_status_and_leaderboard(served, trained_model: Path, monkeyp
     assert re.search(r"\d+\.\d\d%", table.output)  # the accuracies, not placeholders
 
 
-@on_sqlite
 def test_server_errors_are_shown_as_their_message(served, tmp_path: Path) -> None:
     url, token = served
     pickle_file = tmp_path / "model.pt"
