@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -35,8 +34,6 @@ def test_the_worker_modules_import_without_a_cycle() -> None:
         subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, check=True)
 
 
-# kombu's SQLAlchemy transport declares its relationships with the deprecated ``noload``.
-@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 def test_an_accepted_upload_is_published_to_the_apps_own_broker(
     test_db: TestDatabase, tmp_path: Path, alice: Account, model_files: ModelFiles
 ) -> None:

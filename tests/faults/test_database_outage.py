@@ -25,7 +25,6 @@ from worker.results import results_prefix
 
 pytestmark = [
     pytest.mark.timeout(600),
-    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
 ]
 
 RUNNING, FINISHED = SubmissionStatus.RUNNING, SubmissionStatus.FINISHED

@@ -25,7 +25,6 @@ from tests.worker.helpers import create_model_submission, small_cnn_file, wait_f
 
 pytestmark = [
     pytest.mark.timeout(600),
-    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
 ]
 
 RUNNING, FINISHED = SubmissionStatus.RUNNING, SubmissionStatus.FINISHED

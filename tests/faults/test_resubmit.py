@@ -23,9 +23,6 @@ from tests.worker.helpers import quick_accuracies, wait_for
 
 pytestmark = [
     pytest.mark.timeout(600),
-    # kombu's SQLAlchemy transport (the embedded broker the API publishes to here) declares
-    # its relationships with the deprecated ``noload``.
-    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
 ]
 
 RUNNING, FINISHED = SubmissionStatus.RUNNING, SubmissionStatus.FINISHED

@@ -116,8 +116,6 @@ def test_a_requeued_job_keeps_its_place_in_the_queue(
     assert row.claim_token is None
 
 
-# kombu's SQLAlchemy transport declares its relationships with the deprecated ``noload``.
-@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_the_reap_command_requeues_through_the_broker(
     sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
