@@ -1,8 +1,5 @@
-"""The ``spatialbench`` client commands against a real server: ``serve`` with its worker.
-
-They live beside the worker's end-to-end tests because they share the served-service fixtures
-(a trained small CNN, the quick benchmark).
-"""
+"""The ``spatialbench`` client commands against a real server: ``serve`` with its worker
+(the worker tests' trained small CNN and quick benchmark)."""
 
 from __future__ import annotations
 
