@@ -81,17 +81,11 @@ def run_next(
     worker = worker or worker_name()
     storage = storage or storage_from_settings(settings)
 
-    def join() -> ShardClaim | None:
-        with transaction(sessions) as session:
-            return shard_states.claim_next_shard(session, worker, utcnow(), settings)
-
-    shard = retrying(settings)(join)
-    if shard is not None:
-        return run_shards(sessions, settings, storage, shard, time_limit_errors=time_limit_errors)
-    return _run(
+    return _join_or_claim(
         sessions,
         settings,
         storage,
+        lambda session: shard_states.claim_next_shard(session, worker, utcnow(), settings),
         lambda session: lifecycle.claim_next(session, worker, utcnow(), settings),
         publish,
         time_limit_errors,
@@ -113,31 +107,46 @@ def run_submission(
     worker = worker or worker_name()
     storage = storage or storage_from_settings(settings)
 
-    def join() -> ShardClaim | None:
-        with transaction(sessions) as session:
-            token = session.scalar(
-                select(Submission.claim_token).where(
-                    Submission.id == submission_id,
-                    Submission.status == SubmissionStatus.RUNNING,
-                )
+    def join(session: Session) -> ShardClaim | None:
+        token = session.scalar(
+            select(Submission.claim_token).where(
+                Submission.id == submission_id, Submission.status == SubmissionStatus.RUNNING
             )
-            if token is None:
-                return None
-            return shard_states.claim_shard(
-                session, submission_id, token, worker, utcnow(), settings
-            )
+        )
+        if token is None:
+            return None
+        return shard_states.claim_shard(session, submission_id, token, worker, utcnow(), settings)
 
-    shard = retrying(settings)(join)
-    if shard is not None:
-        return run_shards(sessions, settings, storage, shard, time_limit_errors=time_limit_errors)
-    return _run(
+    return _join_or_claim(
         sessions,
         settings,
         storage,
+        join,
         lambda session: lifecycle.claim(session, submission_id, worker, utcnow(), settings),
         publish,
         time_limit_errors,
     )
+
+
+def _join_or_claim(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    storage: Storage,
+    join: Callable[[Session], ShardClaim | None],
+    take: Callable[[Session], Claim | None],
+    publish: Publish | None,
+    time_limit_errors: tuple[type[BaseException], ...],
+) -> Outcome:
+    """Evaluate the shard ``join`` takes of a running job, else the job ``take`` claims."""
+
+    def join_run() -> ShardClaim | None:
+        with transaction(sessions) as session:
+            return join(session)
+
+    shard = retrying(settings)(join_run)
+    if shard is not None:
+        return run_shards(sessions, settings, storage, shard, time_limit_errors=time_limit_errors)
+    return _run(sessions, settings, storage, take, publish, time_limit_errors)
 
 
 def _run(
