@@ -49,6 +49,7 @@ __all__ = [
     "claim",
     "claim_next",
     "fail",
+    "fence",
     "finish",
     "give_up_message",
     "heartbeat",
@@ -148,7 +149,8 @@ def _stale(now: datetime, settings: LifecycleSettings) -> ColumnElement[bool]:
     )
 
 
-def _fence(claim: Claim) -> ColumnElement[bool]:
+def fence(claim: Claim) -> ColumnElement[bool]:
+    """The submission still runs under ``claim`` (every write of a run is conditional on it)."""
     return and_(
         Submission.id == claim.submission_id,
         Submission.claim_token == claim.token,
@@ -351,7 +353,7 @@ def heartbeat(
     session: Session, claim: Claim, now: datetime, progress: dict[str, Any] | None = None
 ) -> RunState:
     """Record that the run is alive (and its progress); say whether to go on."""
-    if not _update(session, _fence(claim), heartbeat_at=now, **(progress or {})):
+    if not _update(session, fence(claim), heartbeat_at=now, **(progress or {})):
         return RunState.LOST
     asked = session.scalar(
         select(Submission.cancel_requested).where(Submission.id == claim.submission_id)
@@ -364,7 +366,7 @@ def fail(session: Session, claim: Claim, message: str, now: datetime) -> bool:
     return bool(
         _update(
             session,
-            _fence(claim),
+            fence(claim),
             status=SubmissionStatus.FAILED,
             message=message,
             finished_at=now,
@@ -379,7 +381,7 @@ def cancel_run(session: Session, claim: Claim, now: datetime) -> bool:
     return bool(
         _update(
             session,
-            and_(_fence(claim), Submission.cancel_requested.is_(True)),
+            and_(fence(claim), Submission.cancel_requested.is_(True)),
             status=SubmissionStatus.CANCELLED,
             message=CANCELLED_WHILE_RUNNING,
             finished_at=now,
@@ -411,7 +413,7 @@ def finish(
     ``computed_under``: the token of an earlier claim whose run computed a stored result with
     the same ``job`` (see worker.results); by default this claim's."""
     submission = session.scalar(
-        select(Submission).where(_fence(claim)).execution_options(populate_existing=True)
+        select(Submission).where(fence(claim)).execution_options(populate_existing=True)
     )
     if submission is None:
         return FinishOutcome.LOST
@@ -423,7 +425,7 @@ def finish(
         return FinishOutcome.CANCELLED if cancel_run(session, claim, now) else FinishOutcome.LOST
     if not _update(
         session,
-        and_(_fence(claim), Submission.cancel_requested.is_(False)),
+        and_(fence(claim), Submission.cancel_requested.is_(False)),
         status=SubmissionStatus.FINISHED,
         phase="done",
         progress=1.0,

@@ -16,9 +16,8 @@ ETA from the rate so far) and its heartbeat, so the submission-level reaper leav
 run to `reap`, which hands a stopped shard to the next worker and republishes shards whose
 message may be lost.
 
-Like `db.lifecycle`, every function flushes and never commits, and like it this module keeps
-every transition of a shard in one place, which is its point, so it stays one file past the
-usual length.
+Like `db.lifecycle`, every function flushes and never commits. What ends or beats for the
+whole run (its heartbeat, a failure, a cancel) goes through `db.lifecycle`'s own transitions.
 """
 
 from __future__ import annotations
@@ -31,13 +30,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.lifecycle import (
-    CANCELLED_WHILE_RUNNING,
-    Claim,
-    LifecycleSettings,
-    RunState,
-    give_up_message,
-)
+from db import lifecycle
+from db.lifecycle import Claim, LifecycleSettings, RunState
 from db.models import Shard, ShardStatus, Submission, SubmissionStatus
 
 __all__ = [
@@ -110,14 +104,7 @@ def _fence(shard: ShardClaim) -> ColumnElement[bool]:
 def plan(session: Session, claim: Claim, ranges: list[range], now: datetime) -> bool:
     """Cut the run of ``claim`` into ``ranges`` (queued, published at ``now``); False, with
     nothing written, when the claim was lost meanwhile. The shards of earlier runs go."""
-    owned = session.scalar(
-        select(Submission.id).where(
-            Submission.id == claim.submission_id,
-            Submission.claim_token == claim.token,
-            Submission.status == SubmissionStatus.RUNNING,
-        )
-    )
-    if owned is None:
+    if session.scalar(select(Submission.id).where(lifecycle.fence(claim))) is None:
         return False
     session.execute(delete(Shard).where(Shard.submission_id == claim.submission_id))
     session.add_all(
@@ -247,7 +234,7 @@ def shard_heartbeat(
     aggregate; say whether to go on."""
     if not _update(session, _fence(shard), heartbeat_at=now, **(progress or {})):
         return RunState.LOST
-    return _aggregate(session, shard.submission_id, shard.run_token, now)
+    return _aggregate(session, shard, now)
 
 
 def release_shard(session: Session, shard: ShardClaim) -> bool:
@@ -276,14 +263,15 @@ def finish_shard(
         heartbeat_at=now,
     ):
         return False
-    return _aggregate(session, shard.submission_id, shard.run_token, now) is not RunState.LOST
+    return _aggregate(session, shard, now) is not RunState.LOST
 
 
-def _aggregate(session: Session, submission_id: str, run_token: str, now: datetime) -> RunState:
-    """Write the run's progress into the submission row, with its heartbeat."""
+def _aggregate(session: Session, shard: ShardClaim, now: datetime) -> RunState:
+    """The run's heartbeat (`db.lifecycle.heartbeat`), with its progress summed over its
+    shards."""
     shards = session.execute(
         select(Shard.start, Shard.stop, Shard.status, Shard.progress, Shard.forward_passes).where(
-            Shard.submission_id == submission_id, Shard.run_token == run_token
+            Shard.submission_id == shard.submission_id, Shard.run_token == shard.run_token
         )
     ).all()
     size = sum(s.stop - s.start for s in shards) or 1
@@ -295,36 +283,21 @@ def _aggregate(session: Session, submission_id: str, run_token: str, now: dateti
         )
         / size
     )
-    started = session.scalar(select(Submission.started_at).where(Submission.id == submission_id))
+    started = session.scalar(
+        select(Submission.started_at).where(Submission.id == shard.submission_id)
+    )
     eta = None
     if started is not None and fraction > 0.0:
         elapsed = (now - started).total_seconds()
         eta = max(0.0, elapsed * (1.0 - fraction) / fraction)
-    values: dict[str, Any] = {
-        "heartbeat_at": now,
+    progress: dict[str, Any] = {
         "progress": min(max(fraction, 0.0), 0.999),
         "forward_passes": sum(s.forward_passes for s in shards),
         "eta_seconds": eta,
     }
     if len(shards) > 1:
-        values["phase"] = f"{done}/{len(shards)} shards done"
-    owned = and_(
-        Submission.id == submission_id,
-        Submission.claim_token == run_token,
-        Submission.status == SubmissionStatus.RUNNING,
-    )
-    changed = session.execute(
-        update(Submission)
-        .where(owned)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if not changed.rowcount:  # type: ignore[attr-defined]
-        return RunState.LOST
-    asked = session.scalar(
-        select(Submission.cancel_requested).where(Submission.id == submission_id)
-    )
-    return RunState.CANCEL if asked else RunState.CONTINUE
+        progress["phase"] = f"{done}/{len(shards)} shards done"
+    return lifecycle.heartbeat(session, run_claim(shard), now, progress)
 
 
 # --- The reaper ---------------------------------------------------------------------------------
@@ -349,14 +322,8 @@ def reap(session: Session, now: datetime, settings: LifecycleSettings) -> list[s
     ).all():
         row = and_(Shard.submission_id == shard.submission_id, Shard.index == shard.index, stale)
         if shard.attempts >= settings.max_attempts:
-            _end_run(
-                session,
-                shard.submission_id,
-                shard.run_token,
-                now,
-                status=SubmissionStatus.FAILED,
-                message=give_up_message(settings.max_attempts),
-            )
+            run = _reaped_run(shard.submission_id, shard.run_token)
+            lifecycle.fail(session, run, lifecycle.give_up_message(settings.max_attempts), now)
             continue
         _update(
             session,
@@ -385,14 +352,7 @@ def reap(session: Session, now: datetime, settings: LifecycleSettings) -> list[s
         )
     ).all()
     for submission_id, run_token in cancelled:
-        _end_run(
-            session,
-            submission_id,
-            run_token,
-            now,
-            status=SubmissionStatus.CANCELLED,
-            message=CANCELLED_WHILE_RUNNING,
-        )
+        lifecycle.cancel_run(session, _reaped_run(submission_id, run_token), now)
 
     overdue = and_(
         Shard.status == ShardStatus.QUEUED,
@@ -413,22 +373,6 @@ def reap(session: Session, now: datetime, settings: LifecycleSettings) -> list[s
     return published
 
 
-def _end_run(
-    session: Session,
-    submission_id: str,
-    run_token: str | None,
-    now: datetime,
-    *,
-    status: SubmissionStatus,
-    message: str,
-) -> None:
-    session.execute(
-        update(Submission)
-        .where(
-            Submission.id == submission_id,
-            Submission.claim_token == run_token,
-            Submission.status == SubmissionStatus.RUNNING,
-        )
-        .values(status=status, message=message, finished_at=now, eta_seconds=None, claim_token=None)
-        .execution_options(synchronize_session=False)
-    )
+def _reaped_run(submission_id: str, run_token: str | None) -> Claim:
+    """The claim of a run whose shards the reaper settles (the fence reads its token only)."""
+    return Claim(submission_id, run_token or "", 0, "reaper")
