@@ -45,6 +45,7 @@ from db.lifecycle import Claim, JobConfig, RunState
 from db.models import ShardStatus, Submission, utcnow
 from db.session import transaction
 from db.shards import ShardClaim, run_claim
+from evaluator.examples import merge_examples
 from evaluator.shards import MergeError, merge_results, plan_ranges
 from storage import (
     LocalStorage,
@@ -251,14 +252,15 @@ class _Session:
 
     def __init__(self, run: _Run, first: ShardClaim) -> None:
         self.run = run
-        self.current: ShardClaim | None = first
+        # Resolved before the sandbox starts, which spares a session with nothing to do.
+        self.current = _next_to_evaluate(run, first)
         self.latest: dict[str, Any] | None = None
         self.last_write = 0.0
-        self.cancelled = False
         self.lost = False
         self.evaluated = 0
 
     def next_shard(self, output: ShardOutput | None) -> range | None:
+        """The session's first call (``output`` None) gets the shard already taken."""
         if output is not None:
             assert self.current is not None
             if not _store_shard(self.run, self.current, output):
@@ -266,7 +268,7 @@ class _Session:
                 self.current = None
                 return None
             self.evaluated += 1
-        self.current = _next_to_evaluate(self.run, self.current if output is None else None)
+            self.current = _next_to_evaluate(self.run, None)
         self.latest, self.last_write = None, 0.0
         return self.current.positions if self.current is not None else None
 
@@ -289,7 +291,6 @@ class _Session:
             log.warning("progress write for %s failed", self.run.submission_id, exc_info=True)
             return False
         self.lost = state is RunState.LOST
-        self.cancelled = state is RunState.CANCEL
         return state is not RunState.CONTINUE
 
 
@@ -329,7 +330,7 @@ def run_shards(
         JobConfig.of(submission, settings.eval_limit),
     )  # fmt: skip
     state = _Session(run, first)
-    if state.next_shard(None) is None:
+    if state.current is None:
         return _finalize(run, claim)
     with _local_model(storage, submission.file_sha256, settings) as model_path:
         if model_path is None:
@@ -337,13 +338,12 @@ def run_shards(
                 sessions, claim, settings,
                 "The uploaded model file is missing from the worker's storage; upload it again.",
             )  # fmt: skip
-        first_range = state.current.positions if state.current else None
         try:
             with _released_on_error(state):
                 run_sandboxed_shards(
                     _job(submission, settings, model_path),
                     sandbox_limits(settings),
-                    _resume(state, first_range),
+                    state.next_shard,
                     on_progress=state.on_progress,
                     tick=state.tick,
                     tick_interval_s=min(1.0, settings.progress_interval_s),
@@ -381,21 +381,6 @@ def _released_on_error(state: _Session) -> Iterator[None]:
             with contextlib.suppress(Exception), transaction(state.run.sessions) as session:
                 shard_states.release_shard(session, shard)
         raise
-
-
-def _resume(state: _Session, first: range | None) -> Callable[[ShardOutput | None], range | None]:
-    """``state.next_shard``, except that the session's first call gets the shard already
-    taken (taking it before starting the sandbox spares a session with nothing to do)."""
-    started = False
-
-    def next_shard(output: ShardOutput | None) -> range | None:
-        nonlocal started
-        if not started:
-            started = True
-            return first
-        return state.next_shard(output)
-
-    return next_shard
 
 
 # --- Storing a shard ----------------------------------------------------------------------------
@@ -445,16 +430,23 @@ def _store_examples(
 def _stored_shard(storage: Storage, shard: ShardClaim, job: JobConfig) -> dict[str, Any] | None:
     """The stored result of ``shard`` if it was computed for ``job`` over the same range."""
     try:
-        blob = json.loads(storage.read_bytes(shard_result_key(shard.submission_id, shard.index)))
-    except (ObjectNotFoundError, ValueError):
+        return _read_shard(storage, shard.submission_id, shard.index, shard.positions, job)
+    except ObjectNotFoundError:
         return None
-    except StorageError:
-        log.warning("could not read a stored shard of %s", shard.submission_id, exc_info=True)
+    except (StorageError, ValueError) as exc:
+        log.warning("stored shard %d of %s not reused: %s", shard.index, shard.submission_id, exc)
         return None
+
+
+def _read_shard(
+    storage: Storage, submission_id: str, index: int, positions: range, job: JobConfig
+) -> dict[str, Any]:
+    """Shard ``index``'s stored result; ValueError unless it is for ``job`` and ``positions``."""
+    blob = json.loads(storage.read_bytes(shard_result_key(submission_id, index)))
     if not isinstance(blob, dict) or blob.get("job") != job.to_dict():
-        return None
-    if blob.get("positions") != [shard.start, shard.stop]:
-        return None
+        raise ValueError(f"the stored result of shard {index} is for another job")
+    if blob.get("positions") != [positions.start, positions.stop]:
+        raise ValueError(f"the stored result of shard {index} is for another range")
     return blob
 
 
@@ -465,12 +457,13 @@ def _finalize(run: _Run, claim: Claim) -> Outcome:
     """Merge and record the run if every shard is done; `Outcome.SHARDS_DONE` if not."""
     with transaction(run.sessions) as session:
         rows = shard_states.run_shards(session, run.submission_id, run.run_token)
-        done = [(r.index, r.start, r.stop, r.result_key, r.worker) for r in rows
+        done = [(r.index, range(r.start, r.stop), r.worker) for r in rows
                 if r.status is ShardStatus.DONE]  # fmt: skip
     if not rows or len(done) < len(rows):
         return Outcome.SHARDS_DONE
     try:
-        parts = [_read_part(run, index, start, stop, key) for index, start, stop, key, _ in done]
+        parts = [_read_shard(run.storage, run.submission_id, index, positions, run.job)
+                 for index, positions, _ in done]  # fmt: skip
         merged = merge_results([p["result"] for p in parts])
     except (MergeError, StorageError, KeyError, TypeError, ValueError) as exc:
         log.error("could not merge the shards of %s: %s", run.submission_id, exc)
@@ -479,8 +472,6 @@ def _finalize(run: _Run, claim: Claim) -> Outcome:
             "The shards of this evaluation could not be merged (the worker's log says why); "
             "resubmit it.",
         )  # fmt: skip
-    from evaluator.examples import merge_examples
-
     chosen = merge_examples([p["examples"] for p in parts], run.settings.example_images)
     examples = _final_examples(run, chosen)
     workers = sorted({w for *_, w in done if w})
@@ -495,15 +486,6 @@ def _finalize(run: _Run, claim: Claim) -> Outcome:
     if outcome is Outcome.FINISHED:
         _forget_shards(run.storage, run.submission_id)
     return outcome
-
-
-def _read_part(run: _Run, index: int, start: int, stop: int, key: str | None) -> dict[str, Any]:
-    if key is None:
-        raise MergeError(f"shard {index} is done but names no stored result")
-    blob = json.loads(run.storage.read_bytes(key))
-    if blob.get("job") != run.job.to_dict() or blob.get("positions") != [start, stop]:
-        raise MergeError(f"the stored result of shard {index} is for another job or range")
-    return dict(blob)
 
 
 def _final_examples(run: _Run, chosen: list[dict[str, Any]]) -> list[dict[str, Any]]:
