@@ -160,7 +160,7 @@ def save_examples(
         ]
     )
     moved = spatial_transform(images, params, spec.fill)
-    predictions, _ = classifier.predict(moved.to(classifier.device))
+    predictions = classifier.logits(moved.to(classifier.device)).argmax(dim=1)
     names = spec.class_names
     examples = []
     for n, row in enumerate(rows):

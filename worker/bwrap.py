@@ -203,6 +203,3 @@ def sandbox_prefix(
 def _ancestors(paths: list[Path]) -> list[Path]:
     found = {parent for path in paths for parent in path.parents if parent != Path("/")}
     return sorted(found, key=lambda p: (len(p.parts), str(p)))
-
-
-# --- Examples ----------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def pick_device(requested: str) -> Any:
 def eval_options(job: EvaluatorJob) -> Any:
     """`EvalOptions(**job.options)`, with ``job.limit`` as the default limit. JSON has no sets:
     ``metrics`` is a list of names. ``shard`` is refused: each `ShardRequest` sets it."""
-    from evaluator.evaluate import EvalOptions, Metric
+    from evaluator.evaluate import EvalOptions
 
     raw = dict(job.options or {})
     known = {f.name for f in dataclasses.fields(EvalOptions)} - {"shard"}
@@ -112,8 +112,6 @@ def eval_options(job: EvaluatorJob) -> Any:
     if job.limit is not None:
         raw.setdefault("limit", job.limit)
     try:
-        if raw.get("metrics") is not None:
-            raw["metrics"] = frozenset(Metric(m) for m in raw["metrics"])
         return EvalOptions(**raw)
     except (TypeError, ValueError) as exc:
         raise InvalidOptions(f"invalid evaluation options: {exc}") from exc

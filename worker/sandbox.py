@@ -382,8 +382,6 @@ def run_sandboxed_shards(
             finally:
                 if output.examples_dir is not None:
                     shutil.rmtree(output.examples_dir, ignore_errors=True)
-        # End of input: the evaluator shuts the model process down and exits.
-        evaluator.close_stdin()
     finally:
         for process in processes:
             process.close()
