@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from api.urls import api_path
+from api.urls import api_path, submission_path
 from evaluator.vocabulary import (
     BOARD_METRICS,
     METRIC_KEYS,
@@ -151,7 +151,7 @@ def submit_model(
 
 def get_status(conn: Connection, submission_id: str) -> dict[str, Any]:
     with conn.client() as client:
-        return check(client.get(api_path(f"/submissions/{submission_id}")))
+        return check(client.get(submission_path(submission_id)))
 
 
 def wait_for(conn: Connection, submission_id: str, poll_s: float = 2.0) -> dict[str, Any]:
@@ -295,7 +295,7 @@ def submit(
         answer = submit_model(conn, model, form)
         verb = "already submitted as" if answer.get("duplicate") else "submitted"
         out.print(f"{verb} {answer['id']}  status: {answer.get('status')}")
-        status_url = answer.get("status_url") or conn.url + api_path(f"/submissions/{answer['id']}")
+        status_url = answer.get("status_url") or conn.url + submission_path(answer["id"])
         out.print(f"follow it: curl {status_url}")
         if wait:
             state = wait_for(conn, answer["id"])
@@ -342,7 +342,7 @@ def cancel(
     conn = connection(url, token)
     try:
         with conn.client() as client:
-            state = check(client.post(api_path(f"/submissions/{submission_id}/cancel")))
+            state = check(client.post(submission_path(submission_id) + "/cancel"))
     except (ClientError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
     out.print(f"{submission_id}: {state.get('status')}")

@@ -14,6 +14,7 @@ from typing import Any
 from db.models import Evaluation
 from evaluator.ablations import Ablation, ablation_variant
 from evaluator.transforms import FillMode, GridSpec, TransformBox
+from evaluator.vocabulary import ablation_fields
 
 __all__ = ["evaluation_ablations"]
 
@@ -38,8 +39,9 @@ def _rebuilt(config: dict[str, Any], per_image: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in names:
         ablation = Ablation(name)
-        robust = per_image.get(f"ablation_{ablation.key}_robust")
-        natural = per_image.get(f"ablation_{ablation.key}_natural")
+        robust_field, natural_field = ablation_fields(ablation)
+        robust = per_image.get(robust_field)
+        natural = per_image.get(natural_field)
         if not isinstance(robust, list):
             continue
         images, correct = _counts(robust)

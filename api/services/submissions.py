@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from api.errors import Conflict, Forbidden, NotFound
-from api.urls import submission_path
 from db import lifecycle
 from db.lifecycle import CancelOutcome
 from db.models import Submission, SubmissionStatus, User, utcnow
@@ -24,7 +23,6 @@ __all__ = [
     "list_submissions",
     "mark_baseline",
     "refresh_columns",
-    "status_url",
     "visible_to",
 ]
 
@@ -115,10 +113,6 @@ def refresh_columns(session: Session, submission: Submission) -> None:
 
     Columns only: a plain refresh would expire the loaded (lazy="raise") relationships."""
     session.refresh(submission, [attr.key for attr in Submission.__mapper__.column_attrs])
-
-
-def status_url(submission_id: str, base_url: str = "") -> str:
-    return base_url + submission_path(submission_id)
 
 
 # --- Operator markers -------------------------------------------------------------------------
