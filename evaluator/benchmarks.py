@@ -18,6 +18,7 @@ from evaluator.ablations import Ablation
 from evaluator.attacks import VoteProtocol
 from evaluator.errors import UnknownBenchmarkError
 from evaluator.transforms import FillMode, GridSpec, TransformBox
+from evaluator.vocabulary import BenchmarkCounts
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -91,6 +92,11 @@ class BenchmarkSpec:
     @property
     def box(self) -> TransformBox:
         return self.grid.box
+
+    @property
+    def counts(self) -> BenchmarkCounts:
+        """The numbers of this benchmark that the metrics' texts state."""
+        return BenchmarkCounts(self.worst_of_k, self.grid.size, self.vote_samples)
 
     def to_dict(self) -> dict[str, Any]:
         b = self.grid.box

@@ -16,10 +16,10 @@ from typing import Annotated, Any
 import typer
 
 from api.services.benchmarks import get_benchmark
-from api.urls import api_path
+from api.urls import submission_path
 from config.settings import Settings
 from evaluator.benchmarks import BenchmarkSpec
-from evaluator.vocabulary import BenchmarkCounts, MetricKey, metric_texts
+from evaluator.vocabulary import MetricKey, metric_texts
 from spatialbench.client import Connection, check, submit_model
 from spatialbench.serve import _err, apply_state_dir, local_token, start_embedded, usage
 
@@ -88,7 +88,7 @@ def follow(conn: Connection, ids: list[str], poll_s: float = 2.0) -> list[dict[s
     last: dict[str, str] = {}
     with conn.client() as client:
         while True:
-            states = [check(client.get(api_path(f"/submissions/{i}"))) for i in ids]
+            states = [check(client.get(submission_path(i))) for i in ids]
             for state in states:
                 progress = float(state.get("progress") or 0)
                 line = f"{state['status']} {state.get('phase') or ''} {progress:.0%}"
@@ -103,7 +103,7 @@ def follow(conn: Connection, ids: list[str], poll_s: float = 2.0) -> list[dict[s
 def evaluating_line(spec: BenchmarkSpec) -> str:
     """What the demo says while the baselines are evaluated, with the benchmark's own k and
     grid size (an operator may redefine the demo benchmark)."""
-    worst = metric_texts(BenchmarkCounts.of(spec.to_dict()))[MetricKey.WORST_OF_K].short
+    worst = metric_texts(spec.counts)[MetricKey.WORST_OF_K].short
     return f"evaluating (natural, random, {worst}, the {spec.grid.size:,}-point grid, the vote)..."
 
 

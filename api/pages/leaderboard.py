@@ -16,7 +16,6 @@ from api.deps import SessionDep, SettingsDep
 from api.pages.rendering import (
     HTML_HEADERS,
     PAPER_RESULTS,
-    benchmark_counts,
     board_metrics,
     find_benchmark,
     render,
@@ -258,7 +257,7 @@ def _render_leaderboard(
         page=query.page,
         per_page=query.per_page,
     )
-    metrics = board_metrics(benchmark_counts(spec))
+    metrics = board_metrics(spec.counts)
     path = f"/leaderboard/{spec.name}"
     board_api_path = api_path(f"/leaderboard/{spec.name}")
     architectures = sorted(

@@ -35,7 +35,6 @@ from evaluator.vocabulary import (
 __all__ = [
     "HTML_HEADERS",
     "PageNotFound",
-    "benchmark_counts",
     "board_metrics",
     "find_benchmark",
     "find_submission",
@@ -66,15 +65,10 @@ HTML_HEADERS = {
 # --- What the metrics mean (worded by `evaluator.vocabulary`, for the benchmark shown) -----------
 
 
-def benchmark_counts(spec: BenchmarkSpec) -> BenchmarkCounts:
-    """The numbers of ``spec`` that the metrics' texts state."""
-    return BenchmarkCounts(spec.worst_of_k, spec.grid.size, spec.vote_samples)
-
-
 def shared_counts(specs: Iterable[BenchmarkSpec]) -> BenchmarkCounts | None:
     """The counts every one of ``specs`` has, or None when they differ (a page about several
     benchmarks then words the metrics without numbers)."""
-    found = {benchmark_counts(spec) for spec in specs}
+    found = {spec.counts for spec in specs}
     return found.pop() if len(found) == 1 else None
 
 

@@ -18,7 +18,6 @@ from api import plots
 from api.deps import SessionDep, SettingsDep, StorageDep, base_url
 from api.pages.rendering import (
     PageNotFound,
-    benchmark_counts,
     board_metrics,
     find_submission,
     iso,
@@ -26,7 +25,7 @@ from api.pages.rendering import (
 )
 from api.services.ablations import evaluation_ablations
 from api.services.benchmarks import get_benchmark
-from api.services.submissions import status_url
+from api.urls import submission_path
 from config.settings import Settings
 from db.models import Evaluation, Submission, SubmissionStatus
 from evaluator.benchmarks import BenchmarkSpec
@@ -105,7 +104,7 @@ def _counts(evaluation: Evaluation, spec: BenchmarkSpec | None) -> BenchmarkCoun
     benchmark record stored with it), else the benchmark's as it is now."""
     config = evaluation.config if isinstance(evaluation.config, dict) else {}
     recorded = BenchmarkCounts.of(config) or BenchmarkCounts.of(config.get("benchmark"))
-    return recorded or (benchmark_counts(spec) if spec is not None else None)
+    return recorded or (spec.counts if spec is not None else None)
 
 
 def _metric_rows(evaluation: Evaluation, counts: BenchmarkCounts | None) -> list[dict[str, Any]]:
@@ -241,10 +240,10 @@ def submission_page(
         "spec": spec,
         "active": active,
         "evaluation": evaluation,
-        "poll_url": status_url(submission.id),
+        "poll_url": submission_path(submission.id),
         "poll_interval_ms": POLL_INTERVAL_S * 1000,
         "refresh_s": REFRESH_S,
-        "curl": f"curl -s {base_url(request)}{status_url(submission.id)}",
+        "curl": f"curl -s {base_url(request)}{submission_path(submission.id)}",
     }
     if evaluation is None:
         return render(request, "submission.html", context)
