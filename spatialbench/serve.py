@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import os
 import signal
 import subprocess
@@ -212,10 +211,6 @@ class EmbeddedService:
                 self.stop()
                 raise RuntimeError(f"the API did not start within {timeout:.0f} s")
             time.sleep(0.05)
-        # Everything loaded so far (torch, the app, the ORM) lives as long as the process: out
-        # of the collector's sight, a full collection no longer walks those few hundred
-        # thousand objects in the middle of a request (hundreds of ms measured here).
-        gc.freeze()
         if self.with_worker:
             self.worker, self.lifeline = start_worker(
                 lock_fd=self.lock_fd, threads=worker_threads(self.settings)
